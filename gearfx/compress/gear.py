@@ -1,0 +1,78 @@
+"""One chunk of K or V through GEAR: sparse outliers out, quantize the rest, low-rank the error.
+
+    x ≈ restore(dequantize(codes) + a @ b.T, outliers)
+
+Outliers are chosen as the entries farthest from their quantization group's mean: those are the
+ones that stretch a group's range (for per-channel keys, a large channel is not an outlier; a
+spike inside a channel is). They are taken out before quantizing, so the remaining range is
+tighter, and stored exactly in the cache dtype. The low-rank factors then fit what quantization
+lost everywhere else.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from gearfx.compress import lowrank, quantize, sparse
+from gearfx.compress.quantize import META_DTYPE
+from gearfx.recipes import TensorSpec
+
+
+class Chunk(NamedTuple):
+    """A compressed chunk of T tokens x D channels (leading dims: batch, head, ...).
+
+    codes [..., T, D * bits / 8] uint8; scale, minimum fp16 (see `quantize.quantize` for shapes);
+    a [..., T, r], b [..., D, r] fp16 or None when rank is 0; outlier_values [..., k] (cache dtype),
+    outlier_index [..., k] int16/int32 or None when there are no outliers.
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    minimum: torch.Tensor
+    a: torch.Tensor | None
+    b: torch.Tensor | None
+    outlier_values: torch.Tensor | None
+    outlier_index: torch.Tensor | None
+
+
+def outlier_score(x: torch.Tensor, axis: str, group: int) -> torch.Tensor:
+    """|x - mean of its quantization group|, [..., T, D]."""
+    g = quantize._per_group(x.float(), axis, group)
+    centred = g - g.mean(dim=-2 if axis == "channel" else -1, keepdim=True)
+    return centred.abs().reshape(x.shape)
+
+
+def compress(x: torch.Tensor, spec: TensorSpec, start: torch.Tensor | None, loops: int) -> Chunk:
+    """Compress x [..., T, D] (T = the recipe's window) as `spec` says.
+
+    start: [D, rank] power-iteration starting block (`lowrank.start_vectors`), or None if rank is 0.
+    """
+    t, d = x.shape[-2:]
+    k = spec.num_outliers(t, d)
+    values = index = exclude = None
+    if k:
+        index = sparse.select(outlier_score(x, spec.axis, spec.group), k)
+        values = sparse.gather(x, index)
+        exclude = sparse.mask(index, x.shape)
+    codes, scale, minimum = quantize.quantize(x, spec.bits, spec.axis, spec.group, exclude)
+    a = b = None
+    if spec.resolve_rank(t):
+        approx = quantize.dequantize(codes, scale, minimum, spec.bits, spec.axis, spec.group)
+        error = x.float() - approx
+        if exclude is not None:  # outliers come back exactly: nothing there for the factors to fit
+            error = error.masked_fill(exclude, 0.0)
+        a, b = lowrank.power_iteration(error, start, loops)
+        a, b = a.to(META_DTYPE), b.to(META_DTYPE)
+    return Chunk(codes, scale, minimum, a, b, values, index)
+
+
+def decompress(c: Chunk, spec: TensorSpec, dtype: torch.dtype) -> torch.Tensor:
+    """The reconstruction [..., T, D] of a compressed chunk, in `dtype`."""
+    x = quantize.dequantize(c.codes, c.scale, c.minimum, spec.bits, spec.axis, spec.group)
+    if c.a is not None:
+        x = x + c.a.float() @ c.b.float().mT
+    if c.outlier_index is not None:
+        x = sparse.restore(x, c.outlier_values.float(), c.outlier_index)
+    return x.to(dtype)

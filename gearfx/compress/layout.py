@@ -1,0 +1,107 @@
+"""The compressed cache's state tensors, and exact byte accounting derived from them.
+
+One decoder layer's cache is a set of named tensors with static shapes (B batch, H KV heads,
+D head_dim, cache dtype for anything kept in full precision):
+
+- no compression (fp16 recipe): key.data, value.data [B, H, capacity, D].
+- compression, no eviction: N = ceil(capacity / window) chunk slots per head, each holding one
+  compressed chunk of `window` tokens (`chunk_layout`), plus window.key / window.value
+  [B, H, window, D], the full-precision tokens of the chunk being filled.
+- H2O eviction: S = sinks + heavy + recent slots of one token each, compressed one token at a time
+  (so eviction can overwrite any single slot), plus h2o.scores [B, H, S] fp32 (accumulated
+  attention) and h2o.positions [B, H, S] int32 (sequence position in each slot, -1 when empty).
+
+Every byte a cache needs is in these tensors, so `cache_bytes` (and the memory report built on
+it) is the exact size of the allocated state, not an estimate.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from gearfx.compress.quantize import META_DTYPE, packed_size
+from gearfx.compress.sparse import index_dtype
+from gearfx.recipes import Recipe, TensorSpec
+
+
+class Meta(NamedTuple):
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def chunk_layout(spec: TensorSpec, tokens: int, head_dim: int, dtype: torch.dtype) -> dict[str, Meta]:
+    """Tensors of one compressed chunk of `tokens` x `head_dim` (no leading dims), as
+    `gear.compress` produces them; a spec with bits=16 stores the chunk as is ("data")."""
+    if not spec.quantized:
+        return {"data": Meta((tokens, head_dim), dtype)}
+    if spec.axis == "channel":
+        groups = (tokens // spec.group, head_dim)
+    else:
+        groups = (tokens, head_dim // spec.group)
+    out = {
+        "codes": Meta((tokens, packed_size(head_dim, spec.bits)), torch.uint8),
+        "scale": Meta(groups, META_DTYPE),
+        "minimum": Meta(groups, META_DTYPE),
+    }
+    rank = spec.resolve_rank(tokens)
+    if rank:
+        out["a"] = Meta((tokens, rank), META_DTYPE)
+        out["b"] = Meta((head_dim, rank), META_DTYPE)
+    k = spec.num_outliers(tokens, head_dim)
+    if k:
+        out["outlier_values"] = Meta((k,), dtype)
+        out["outlier_index"] = Meta((k,), index_dtype(tokens * head_dim))
+    return out
+
+
+def slots(recipe: Recipe, capacity: int) -> tuple[int, int]:
+    """(slots per head, tokens per slot) of a compressing or evicting cache."""
+    if recipe.h2o is not None:
+        return sum(recipe.h2o.budget(capacity)), 1
+    return math.ceil(capacity / recipe.window), recipe.window
+
+
+def cache_layout(
+    recipe: Recipe, batch: int, heads: int, head_dim: int, capacity: int, dtype: torch.dtype
+) -> dict[str, Meta]:
+    """All state tensors of one layer's cache (see the module docstring), by name."""
+    lead = (batch, heads)
+    if not recipe.compresses and recipe.h2o is None:
+        return {f"{part}.data": Meta(lead + (capacity, head_dim), dtype) for part in ("key", "value")}
+    n, tokens = slots(recipe, capacity)
+    out = {}
+    for part, spec in (("key", recipe.key), ("value", recipe.value)):
+        for name, m in chunk_layout(spec, tokens, head_dim, dtype).items():
+            out[f"{part}.{name}"] = Meta(lead + (n,) + m.shape, m.dtype)
+    if recipe.h2o is None:
+        for part in ("key", "value"):
+            out[f"window.{part}"] = Meta(lead + (recipe.window, head_dim), dtype)
+    else:
+        out["h2o.scores"] = Meta(lead + (n,), torch.float32)
+        out["h2o.positions"] = Meta(lead + (n,), torch.int32)
+    return out
+
+
+def cache_bytes(
+    recipe: Recipe, num_layers: int, batch: int, heads: int, head_dim: int, capacity: int,
+    dtype: torch.dtype,
+) -> dict[str, int]:
+    """Bytes of the whole cache (every layer, with per-layer overrides) by state tensor name."""
+    total: dict[str, int] = {}
+    for layer in range(num_layers):
+        layout = cache_layout(recipe.for_layer(layer), batch, heads, head_dim, capacity, dtype)
+        for name, m in layout.items():
+            total[name] = total.get(name, 0) + m.nbytes
+    return total
+
+
+def fp16_bytes(num_layers: int, batch: int, heads: int, head_dim: int, capacity: int) -> int:
+    """Bytes of an uncompressed fp16 cache of the same capacity: the reference for ratios."""
+    return 2 * num_layers * batch * heads * capacity * head_dim * 2
