@@ -51,16 +51,20 @@ def choose_slot(
 
 
 def keep_after_prefill(scores: torch.Tensor, heavy: int, recent: int, sinks: int) -> torch.Tensor:
-    """Positions [B, H, min(L, budget)] (sorted, int64) to keep after a prefill of L tokens.
+    """Positions [B, H, budget] (int64, ascending, EMPTY-padded) to keep after a prefill of L tokens.
 
     scores [B, H, L]: attention mass each prompt token received during the prefill. Keeps the
-    first `sinks`, the last `recent`, and the `heavy` highest-scoring tokens in between.
+    first `sinks`, the last `recent`, and the `heavy` highest-scoring tokens in between; a prompt
+    shorter than the budget is kept whole. Branch-free, so L can be a dynamic export dimension.
     """
     b, h, length = scores.shape
     budget = heavy + recent + sinks
-    if length <= budget:
-        return torch.arange(length, device=scores.device).expand(b, h, length)
-    middle = scores[..., sinks : length - recent]
-    top = middle.topk(heavy, dim=-1).indices + sinks
-    ends = torch.cat([torch.arange(sinks), torch.arange(length - recent, length)]).to(scores.device)
-    return torch.cat([ends.expand(b, h, -1), top], dim=-1).sort(dim=-1).values
+    pos = torch.arange(length, device=scores.device)
+    forced = (pos < sinks) | (pos >= length - recent)
+    priority = scores.float().masked_fill(forced, float("inf"))
+    # budget padding entries rank last and stand for empty slots when the prompt is short
+    padded = torch.cat([priority, priority.new_full((b, h, budget), float("-inf"))], dim=-1)
+    chosen = padded.topk(budget, dim=-1).indices
+    chosen = torch.where(chosen < length, chosen, torch.full_like(chosen, length + budget))
+    chosen = chosen.sort(dim=-1).values
+    return torch.where(chosen < length, chosen, torch.full_like(chosen, EMPTY))

@@ -1,0 +1,51 @@
+"""Reconstruction error of a recipe on real K/V tensors, per layer, keys and values separately.
+
+This measures the compression alone (what a recipe stores versus what the model produced), before
+any effect on the model's outputs: it shows where a recipe loses, layer by layer.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+from gearfx.compress import gear, lowrank
+from gearfx.recipes import Recipe, TensorSpec
+
+
+@torch.no_grad()
+def capture_kv(model, input_ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(keys, values) per layer, each [B, H_kv, T, D], as the model caches them (post-RoPE)."""
+    cache = DynamicCache(config=model.config)
+    model(input_ids, past_key_values=cache, use_cache=True)
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def reconstruct(x: torch.Tensor, spec: TensorSpec, recipe: Recipe) -> torch.Tensor:
+    """What the cache holds for x [B, H, T, D] after streaming it in: whole chunks compressed,
+    the trailing partial chunk still in the full-precision window. With H2O every token is its
+    own slot (eviction is not part of this measurement)."""
+    if not spec.quantized:
+        return x
+    chunk = 1 if recipe.h2o is not None else recipe.window
+    b, h, t, d = x.shape
+    n = t // chunk * chunk
+    rank = spec.resolve_rank(chunk)
+    start = lowrank.start_vectors(d, rank, recipe.seed) if rank else None
+    chunks = x[:, :, :n].reshape(b, h, n // chunk, chunk, d)
+    c = gear.compress(chunks, spec, start, recipe.loops)
+    y = gear.decompress(c, spec, x.dtype).reshape(b, h, n, d)
+    return torch.cat([y, x[:, :, n:]], dim=2)
+
+
+def relative_error(recipe: Recipe, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[float, float]]:
+    """Per layer: (||K - K~|| / ||K||, ||V - V~|| / ||V||) with the layer's recipe."""
+    out = []
+    for i, (k, v) in enumerate(kv):
+        r = recipe.for_layer(i)
+        errs = []
+        for x, spec in ((k, r.key), (v, r.value)):
+            y = reconstruct(x.float(), spec, r)
+            errs.append(((y - x.float()).norm() / x.float().norm()).item())
+        out.append((errs[0], errs[1]))
+    return out

@@ -1,0 +1,190 @@
+"""Attention over a compressed KV cache, in plain PyTorch: the reference and the CPU/export path.
+
+`attend` does what the model's cache write + attention did, on the recipe's state tensors
+(see `gearfx.compress.layout`): it stores the new keys/values at `cache_position` and returns the
+attention output of `q` over everything cached so far, under the model's own mask.
+
+Every shape is static (capacity, chunk slots, H2O slots), so a decode step compiles once:
+- Without eviction the cache is positional: sequence position p lives in chunk slot p // window.
+  The chunk being filled is read from the full-precision window; earlier chunks from their
+  compressed form. A decode step compresses the window into its slot every time (a partial chunk
+  is overwritten until it is complete, and never read before), so no step branches on data.
+- The new tokens are always attended in full precision: prefill is exact over the prompt.
+- With H2O, slots hold single tokens at arbitrary positions; the op builds its mask by gathering
+  the model's mask at each slot's position, and adds the step's attention to the slot scores.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+
+from gearfx.compress import gear, h2o, lowrank
+from gearfx.compress.gear import Chunk
+from gearfx.compress.layout import slots
+from gearfx.recipes import Recipe, TensorSpec
+
+FIELDS = Chunk._fields
+
+
+@lru_cache(maxsize=None)
+def _start(head_dim: int, rank: int, seed: int) -> torch.Tensor:
+    # a constant of the program, created outside any trace
+    return lowrank.start_vectors(head_dim, rank, seed)
+
+
+def _compress(x: torch.Tensor, spec: TensorSpec, recipe: Recipe) -> dict[str, torch.Tensor]:
+    """x [..., T, D] -> the state fields of one compressed chunk per leading index."""
+    if not spec.quantized:
+        return {"data": x}
+    rank = spec.resolve_rank(x.shape[-2])
+    start = _start(x.shape[-1], rank, recipe.seed).to(x.device) if rank else None
+    c = gear.compress(x, spec, start, recipe.loops)
+    return {f: t for f, t in c._asdict().items() if t is not None}
+
+
+def _decompress(state: dict[str, torch.Tensor], part: str, spec: TensorSpec, dtype) -> torch.Tensor:
+    """[B, H, N, T, D]: every slot of `part` ("key" or "value") reconstructed."""
+    if not spec.quantized:
+        return state[f"{part}.data"]
+    c = Chunk(*(state.get(f"{part}.{f}") for f in FIELDS))
+    return gear.decompress(c, spec, dtype)
+
+
+def _write_slots(state, part: str, fields: dict[str, torch.Tensor], index: torch.Tensor) -> None:
+    """state[part.field][:, :, index] = fields[field] for every field (slot dim 2)."""
+    for f, t in fields.items():
+        state[f"{part}.{f}"].index_copy_(2, index, t.to(state[f"{part}.{f}"].dtype))
+
+
+def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """[B, H, T, D] -> [B, H * groups, T, D], each KV head repeated for its query heads."""
+    if groups == 1:
+        return x
+    b, h, t, d = x.shape
+    return x[:, :, None].expand(b, h, groups, t, d).reshape(b, h * groups, t, d)
+
+
+def _bias(attn_mask: torch.Tensor | None, cache_position: torch.Tensor, keys: int, dtype) -> torch.Tensor:
+    """Additive mask [B or 1, 1 or Hq, L, keys] over sequence positions 0..keys-1.
+
+    attn_mask: the model's mask over its own cache positions, bool (True = attend) or additive,
+    or None for plain causal attention. Positions past the model's mask (chunk padding) are masked.
+    """
+    neg = torch.finfo(dtype).min
+    if attn_mask is None:
+        allowed = torch.arange(keys, device=cache_position.device) <= cache_position[:, None]
+        return torch.zeros((), dtype=dtype).masked_fill(~allowed, neg)[None, None]
+    bias = attn_mask if attn_mask.dtype != torch.bool else torch.zeros(
+        (), dtype=dtype, device=attn_mask.device).masked_fill(~attn_mask, neg)
+    bias = bias.to(dtype)
+    pad = keys - bias.shape[-1]
+    return F.pad(bias, (0, pad), value=neg) if pad else bias
+
+
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_position: torch.Tensor,
+    attn_mask: torch.Tensor | None, scale: float, recipe: Recipe, capacity: int,
+    state: dict[str, torch.Tensor],
+) -> torch.Tensor:
+    """Store k, v at `cache_position` and attend.
+
+    q [B, Hq, L, D]; k, v [B, H, L, D] (Hq a multiple of H); cache_position [L] int64, the new
+    tokens' positions; attn_mask [B, 1, L, capacity] (bool or additive) or None (causal);
+    state: the layer's state tensors by layout name, updated in place. Returns [B, Hq, L, D].
+    """
+    if recipe.h2o is not None:
+        return _attend_h2o(q, k, v, cache_position, attn_mask, scale, recipe, capacity, state)
+    if not recipe.compresses:
+        kc, vc = state["key.data"], state["value.data"]
+        kc.index_copy_(2, cache_position, k)
+        vc.index_copy_(2, cache_position, v)
+        g = q.shape[1] // k.shape[1]
+        mask = attn_mask if attn_mask is not None else _bias(None, cache_position, capacity, q.dtype)
+        return F.scaled_dot_product_attention(q, _repeat_kv(kc, g), _repeat_kv(vc, g), attn_mask=mask, scale=scale)
+    return _attend_chunked(q, k, v, cache_position, attn_mask, scale, recipe, capacity, state)
+
+
+def _attend_chunked(q, k, v, cache_position, attn_mask, scale, recipe, capacity, state):
+    b, h, length, d = k.shape
+    n, c = slots(recipe, capacity)
+    first = cache_position[:1] // c  # the chunk the window holds before this call
+    chunk_ids = torch.arange(n, device=q.device)
+    full = {}
+    for part, x, spec in (("key", k, recipe.key), ("value", v, recipe.value)):
+        stored = _decompress(state, part, spec, q.dtype)  # [B, H, N, C, D]
+        window = state[f"window.{part}"][:, :, None]
+        stored = torch.where((chunk_ids == first)[:, None, None], window, stored)
+        full[part] = stored.reshape(b, h, n * c, d).index_copy(2, cache_position, x)
+    g = q.shape[1] // h
+    bias = _bias(attn_mask, cache_position, n * c, q.dtype)
+    out = F.scaled_dot_product_attention(
+        q, _repeat_kv(full["key"], g), _repeat_kv(full["value"], g), attn_mask=bias, scale=scale)
+
+    for part, x, spec in (("key", k, recipe.key), ("value", v, recipe.value)):
+        win = state[f"window.{part}"]
+        if length == 1:  # decode: the token joins the window, which is (re)compressed into its slot
+            win.index_copy_(2, cache_position % c, x)
+            _write_slots(state, part, {f: t[:, :, None] for f, t in _compress(win, spec, recipe).items()},
+                         cache_position // c)
+        else:  # prefill: chunks from the window's onwards are built from full-precision tokens
+            chunks = full[part].view(b, h, n, c, d)
+            fresh = _compress(chunks, spec, recipe)
+            keep = chunk_ids < first
+            for f, t in fresh.items():
+                old = state[f"{part}.{f}"]
+                old.copy_(torch.where(keep.view(n, *[1] * (old.dim() - 3)), old, t.to(old.dtype)))
+            last = cache_position[-1:] // c
+            win.copy_(chunks.index_select(2, last)[:, :, 0])
+    return out
+
+
+def _attend_h2o(q, k, v, cache_position, attn_mask, scale, recipe, capacity, state):
+    b, h, length, d = k.shape
+    hq = q.shape[1]
+    g = hq // h
+    heavy, recent, sinks = recipe.h2o.budget(capacity)
+    positions, scores = state["h2o.positions"], state["h2o.scores"]
+    if length == 1:
+        slot = h2o.choose_slot(scores, positions, cache_position, recent, sinks)  # [B, H]
+        for part, x, spec in (("key", k, recipe.key), ("value", v, recipe.value)):
+            for f, t in _compress(x, spec, recipe).items():  # t [B, H, 1, ...]
+                dst = state[f"{part}.{f}"]
+                idx = slot.view(b, h, *[1] * (dst.dim() - 2)).expand(b, h, 1, *dst.shape[3:])
+                dst.scatter_(2, idx, t[:, :, None].to(dst.dtype) if t.dim() == dst.dim() - 1 else t.to(dst.dtype))
+        positions.scatter_(2, slot[..., None], cache_position.to(positions.dtype).expand(b, h)[..., None])
+        scores.scatter_(2, slot[..., None], 0.0)
+        keys = _decompress(state, "key", recipe.key, q.dtype).reshape(b, h, -1, d)
+        values = _decompress(state, "value", recipe.value, q.dtype).reshape(b, h, -1, d)
+        # the newest token is attended in full precision, as it would be without eviction
+        at = slot[..., None, None].expand(b, h, 1, d)
+        keys, values = keys.scatter(2, at, k), values.scatter(2, at, v)
+        valid = positions != h2o.EMPTY  # [B, H, S]
+        model = _bias(attn_mask, cache_position, capacity, q.dtype)  # [B|1, 1|Hq, 1, capacity]
+        model = model[:, :1].expand(b, 1, 1, capacity)
+        at_slot = model[:, 0, 0][:, None, :].expand(b, h, capacity).gather(-1, positions.long().clamp_min(0))
+        bias = at_slot.masked_fill(~valid, torch.finfo(q.dtype).min)  # [B, H, S]
+        bias = bias[:, :, None, None, :]  # [B, H, 1, 1, S]
+    else:
+        keys, values = k, v
+        bias = _bias(attn_mask, cache_position, capacity, q.dtype)[..., :length]
+        bias = bias[:, :1].expand(b, 1, length, length)[:, :, None]  # [B, 1, 1, L, L]
+    logits = (q.view(b, h, g, length, d).float() @ keys[:, :, None].float().mT) * scale + bias.float()
+    probs = logits.softmax(dim=-1)
+    out = (probs @ values[:, :, None].float()).to(q.dtype).reshape(b, hq, length, d)
+    mass = probs.reshape(b, hq, length, -1)
+    if length == 1:
+        scores.copy_(h2o.accumulate(scores, mass))
+    else:
+        token_scores = h2o.accumulate(torch.zeros(b, h, length, device=q.device), mass)
+        keep = h2o.keep_after_prefill(token_scores, heavy, recent, sinks)  # [B, H, S]
+        src = keep.clamp_min(0)
+        for part, x, spec in (("key", k, recipe.key), ("value", v, recipe.value)):
+            kept = x.gather(2, src[..., None].expand(b, h, src.shape[-1], d))
+            for f, t in _compress(kept[:, :, :, None], spec, recipe).items():
+                state[f"{part}.{f}"].copy_(t.to(state[f"{part}.{f}"].dtype))
+        positions.copy_(keep.to(positions.dtype))
+        scores.copy_(token_scores.gather(-1, src).masked_fill(keep == h2o.EMPTY, 0.0))
+    return out
