@@ -105,3 +105,9 @@ def cache_bytes(
 def fp16_bytes(num_layers: int, batch: int, heads: int, head_dim: int, capacity: int) -> int:
     """Bytes of an uncompressed fp16 cache of the same capacity: the reference for ratios."""
     return 2 * num_layers * batch * heads * capacity * head_dim * 2
+
+
+def allocate(layout: dict[str, Meta], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """The state tensors of `layout`, initialised as an empty cache (H2O slots marked empty)."""
+    return {name: torch.full(m.shape, -1 if name == "h2o.positions" else 0, dtype=m.dtype, device=device)
+            for name, m in layout.items()}
