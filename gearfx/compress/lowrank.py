@@ -9,10 +9,16 @@ from __future__ import annotations
 import torch
 
 
-def start_vectors(dim: int, rank: int, seed: int) -> torch.Tensor:
-    """Deterministic starting block [dim, rank] (fp32) for `power_iteration`."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(dim, rank, generator=g)
+def start_vectors(dim: int, rank: int, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Seeded pseudo-random starting block [dim, rank] (fp32, entries in [-0.5, 0.5)).
+
+    A closed-form hash of the indices and the seed rather than a torch.Generator: it is the same
+    inside any trace (export, torch.compile) as in eager code, and needs no stored constant.
+    """
+    i = torch.arange(dim, device=device, dtype=torch.float64)[:, None]
+    j = torch.arange(rank, device=device, dtype=torch.float64)[None, :]
+    h = torch.sin(i * 12.9898 + j * 78.233 + seed * 37.719) * 43758.5453
+    return (h - h.floor() - 0.5).float()
 
 
 def orthonormalize(p: torch.Tensor) -> torch.Tensor:

@@ -16,8 +16,6 @@ Every shape is static (capacity, chunk slots, H2O slots), so a decode step compi
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import torch
 import torch.nn.functional as F
 
@@ -29,18 +27,12 @@ from gearfx.recipes import Recipe, TensorSpec
 FIELDS = Chunk._fields
 
 
-@lru_cache(maxsize=None)
-def _start(head_dim: int, rank: int, seed: int) -> torch.Tensor:
-    # a constant of the program, created outside any trace
-    return lowrank.start_vectors(head_dim, rank, seed)
-
-
 def _compress(x: torch.Tensor, spec: TensorSpec, recipe: Recipe) -> dict[str, torch.Tensor]:
     """x [..., T, D] -> the state fields of one compressed chunk per leading index."""
     if not spec.quantized:
         return {"data": x}
     rank = spec.resolve_rank(x.shape[-2])
-    start = _start(x.shape[-1], rank, recipe.seed).to(x.device) if rank else None
+    start = lowrank.start_vectors(x.shape[-1], rank, recipe.seed, x.device) if rank else None
     c = gear.compress(x, spec, start, recipe.loops)
     return {f: t for f, t in c._asdict().items() if t is not None}
 

@@ -25,9 +25,12 @@ from gearfx.passes.find_kv_sites import ASSERTS, PROB_PASSTHROUGH, UnsupportedGr
 from gearfx.recipes import Recipe
 
 
+STATE_PREFIX = "gearfx_"
+
+
 def state_target(layer: int, name: str) -> str:
     """Buffer name of state tensor `name` (a layout name like "key.codes") of layer `layer`."""
-    return f"gearfx_{layer}_{name.replace('.', '_')}"
+    return f"{STATE_PREFIX}{layer}_{name.replace('.', '_')}"
 
 
 def rewrite_kv(ep: ExportedProgram, recipe: Recipe) -> ExportedProgram:

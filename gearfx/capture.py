@@ -1,0 +1,98 @@
+"""Export a decoder step with static KV buffers, ready for the gearfx passes.
+
+Two kinds of decoder:
+- transformers causal LMs, wrapped in `HFDecoder`: a StaticCache whose layer tensors are module
+  buffers, driven by an attention mask over the whole cache (so left padding works) and explicit
+  position ids. Sliding-window layers get full-length caches: the model's own mask keeps them
+  inside their window, and the compressed cache stays positional for every layer.
+- any `nn.Module` that keeps its cache in buffers [B, H_kv, T, D] (gpt-fast style) and is called
+  as `module(input_ids [B, L], cache_position [L]) -> logits [B, L, V]`.
+
+One program is exported, with a dynamic sequence length: prompts of any length and single-token
+decode steps run through it (torch.compile specialises the L = 1 case into its own graph).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+from torch.export import Dim, ExportedProgram
+
+
+class HFDecoder(nn.Module):
+    """A transformers causal LM with a static cache held in buffers key_cache_i / value_cache_i."""
+
+    def __init__(self, model: nn.Module, batch_size: int, max_cache_len: int):
+        super().__init__()
+        from transformers import StaticCache
+        from transformers.cache_utils import StaticLayer
+
+        self.model = model
+        config = model.config.get_text_config()
+        self.cache = StaticCache(config=config, max_cache_len=max_cache_len)
+        self.cache.layers = [StaticLayer(max_cache_len) for _ in self.cache.layers]
+        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        dtype = next(model.parameters()).dtype
+        device = next(model.parameters()).device
+        self.cache.early_initialization(batch_size, heads, head_dim, dtype, device)
+        for i, layer in enumerate(self.cache.layers):
+            self.register_buffer(f"key_cache_{i}", layer.keys, persistent=False)
+            self.register_buffer(f"value_cache_{i}", layer.values, persistent=False)
+            self.register_buffer(f"cumulative_length_{i}", layer.cumulative_length, persistent=False)
+
+    def forward(self, input_ids, attention_mask, position_ids, cache_position):
+        """input_ids, position_ids [B, L]; attention_mask [B, max_cache_len] (1 where a real token is
+        or will be cached); cache_position [L]. Returns logits [B, L, V]."""
+        for layer in self.cache.layers:  # the cache's own length counter, derived from positions
+            layer.cumulative_length.copy_(cache_position[0])
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          past_key_values=self.cache, use_cache=True).logits
+
+
+@dataclasses.dataclass(frozen=True)
+class Decoder:
+    """An exported decoder step and what the runtime needs to drive it."""
+
+    program: ExportedProgram
+    batch_size: int
+    max_cache_len: int
+    takes_mask: bool  # HF decoders take attention_mask + position_ids; plain modules do not
+
+
+def is_transformers_model(model: nn.Module) -> bool:
+    return hasattr(model, "config") and hasattr(model, "generation_config")
+
+
+def export_decoder(model: nn.Module, batch_size: int | None = None, max_cache_len: int | None = None) -> Decoder:
+    """Export `model` (see the module docstring) with a dynamic sequence length."""
+    with torch.no_grad():
+        if is_transformers_model(model):
+            if batch_size is None or max_cache_len is None:
+                raise ValueError("a transformers model needs batch_size and max_cache_len")
+            module = HFDecoder(model.eval(), batch_size, max_cache_len)
+            seq = Dim("seq", min=1, max=max_cache_len - 1)
+            example = dict(
+                input_ids=torch.zeros(batch_size, 2, dtype=torch.long),
+                attention_mask=torch.ones(batch_size, max_cache_len, dtype=torch.long),
+                position_ids=torch.arange(2).expand(batch_size, 2),
+                cache_position=torch.arange(2),
+            )
+            shapes = dict(input_ids={1: seq}, attention_mask=None, position_ids={1: seq}, cache_position={0: seq})
+            # strict: the model reaches its cache through the StaticCache object, not the module's
+            # buffer table; only dynamo sees that these are the same tensors as the buffers.
+            ep = torch.export.export(module, (), example, dynamic_shapes=shapes, strict=True)
+            return Decoder(ep, batch_size, max_cache_len, takes_mask=True)
+        caches = [b for b in model.buffers() if b.dim() == 4]
+        if not caches:
+            raise ValueError(f"{type(model).__name__} has no rank-4 KV cache buffers [B, H_kv, T, D]")
+        b, _, t, _ = caches[0].shape
+        if (batch_size or b) != b or (max_cache_len or t) != t:
+            raise ValueError(f"{type(model).__name__}'s cache buffers are [B={b}, T={t}]; a plain module's "
+                             "batch size and capacity are those of its buffers")
+        seq = Dim("seq", min=1, max=t - 1)
+        example = (torch.zeros(b, 2, dtype=torch.long), torch.arange(2))
+        ep = torch.export.export(model.eval(), example, dynamic_shapes=({1: seq}, {0: seq}))
+        return Decoder(ep, b, t, takes_mask=False)

@@ -1,0 +1,191 @@
+"""gearfx.compile end to end on tiny decoders: exactness of the fp16 recipe, padding, compression
+tolerance, compile stability, memory accounting, errors."""
+
+import copy
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import gearfx
+from gearfx.compress.layout import cache_bytes
+from gearfx.passes import UnsupportedGraphError
+from tests import tiny
+
+PROMPT_LEN, NEW = 9, 12
+
+
+def padded_batch(batch=2, seed=0):
+    """Left-padded prompts of different lengths (row i has i * 2 pad tokens)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 256, (batch, PROMPT_LEN), generator=g)
+    mask = torch.ones(batch, PROMPT_LEN, dtype=torch.long)
+    for i in range(batch):
+        ids[i, : 2 * i], mask[i, : 2 * i] = 0, 0
+    return ids, mask
+
+
+def hf_greedy(model, ids, mask, new=NEW):
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
+                         cache_implementation="static", pad_token_id=0)
+    return out[:, ids.shape[1]:]
+
+
+@pytest.mark.parametrize("family", tiny.FAMILIES)
+def test_fp16_recipe_reproduces_hf_greedy_tokens_with_left_padding(family):
+    model = tiny.hf(family)
+    ids, mask = padded_batch()
+    gm = gearfx.compile(model, "fp16", max_cache_len=64, batch_size=2, backend_compile=False)
+    assert torch.equal(gm.generate(ids, mask, max_new_tokens=NEW)[:, PROMPT_LEN:], hf_greedy(model, ids, mask))
+
+
+@pytest.mark.parametrize("attn", ["eager"])
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_eager_attention_models_are_rewritten_too(family, attn):
+    model = tiny.hf(family, attn)
+    ids, mask = padded_batch()
+    gm = gearfx.compile(model, "fp16", max_cache_len=64, batch_size=2, backend_compile=False)
+    assert torch.equal(gm.generate(ids, mask, max_new_tokens=NEW)[:, PROMPT_LEN:], hf_greedy(model, ids, mask))
+    gear = gearfx.compile(model, "gear-4bit", max_cache_len=64, batch_size=2, backend_compile=False)
+    assert gear.generate(ids, mask, max_new_tokens=NEW).shape == (2, PROMPT_LEN + NEW)
+
+
+def test_compiled_generation_is_exact_and_never_recompiles():
+    model = tiny.hf("llama")
+    ids, mask = padded_batch()
+    gm = gearfx.compile(model, "gear-4bit", max_cache_len=128, batch_size=2)
+    eager = gearfx.compile(model, "gear-4bit", max_cache_len=128, batch_size=2, backend_compile=False)
+    gm.generate(ids, mask, max_new_tokens=3)  # compiles the prefill and the decode graph
+    counters.clear()
+    out = gm.generate(ids, mask, max_new_tokens=80)  # crosses chunk boundaries (window 64)
+    assert dict(counters["graph_break"]) == {}
+    assert counters["stats"]["unique_graphs"] == 0, dict(counters["stats"])  # nothing new compiled
+    assert torch.equal(out, eager.generate(ids, mask, max_new_tokens=80))
+
+
+@pytest.mark.parametrize("recipe, tol", [("fp16", 0.0), ("gear-4bit", 0.1), ("kivi-4bit", 0.1), ("h2o", 0.0)])
+def test_padded_batch_rows_match_each_prompt_alone(recipe, tol):
+    """Four prompts of different lengths, left-padded, against each prompt run alone."""
+    model = tiny.hf("qwen2")
+    ids, mask = padded_batch(batch=4, seed=1)
+    batched = gearfx.compile(model, recipe, max_cache_len=96, batch_size=4, backend_compile=False)
+    single = gearfx.compile(model, recipe, max_cache_len=96, batch_size=1, backend_compile=False)
+    steps = 70
+    logits_b = [batched.prefill(ids, mask)[:, -1]]
+    for _ in range(steps):
+        logits_b.append(batched.decode(logits_b[-1].argmax(-1, keepdim=True))[:, -1])
+    for row in range(4):
+        real = ids[row : row + 1, mask[row].bool()]
+        logits_s = [single.prefill(real)[:, -1]]
+        for i in range(steps):
+            logits_s.append(single.decode(logits_b[i][row : row + 1].argmax(-1, keepdim=True))[:, -1])
+        a, b = torch.stack([x[row] for x in logits_b]), torch.cat(logits_s)
+        if tol == 0.0:
+            assert torch.equal(a.argmax(-1), b.argmax(-1))
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+        else:  # compression of differently placed chunks: close, not equal
+            assert ((a - b).norm() / b.norm()).item() < tol
+
+
+def test_gear_4bit_logits_stay_close_to_fp16():
+    model = tiny.hf("llama")
+    ids, _ = padded_batch(batch=1)
+    fp = gearfx.compile(model, "fp16", max_cache_len=160, batch_size=1, backend_compile=False)
+    errs = {}
+    for name in ("kivi-4bit", "gear-4bit", "gear-2bit"):
+        gm = gearfx.compile(model, name, max_cache_len=160, batch_size=1, backend_compile=False)
+        a, b = [fp.prefill(ids)[:, -1]], [gm.prefill(ids)[:, -1]]
+        for _ in range(140):
+            tok = a[-1].argmax(-1, keepdim=True)
+            a.append(fp.decode(tok)[:, -1])
+            b.append(gm.decode(tok)[:, -1])
+        errs[name] = (torch.stack(b) - torch.stack(a)).norm().item() / torch.stack(a).norm().item()
+    assert errs["gear-4bit"] < 0.05 and errs["kivi-4bit"] < 0.05
+    assert errs["gear-2bit"] < 0.3
+
+
+def test_plain_module_with_buffers_gpt_fast_style():
+    for write in ("index_put", "index_copy"):
+        model = tiny.GptFast(write=write)
+        ids = torch.randint(0, 256, (2, PROMPT_LEN))
+        ref_model = copy.deepcopy(model)
+        with torch.no_grad():  # the module's own greedy loop is the reference
+            logits = ref_model(ids, torch.arange(PROMPT_LEN))[:, -1]
+            want = []
+            for p in range(PROMPT_LEN, PROMPT_LEN + NEW):
+                want.append(logits.argmax(-1))
+                logits = ref_model(want[-1][:, None], torch.tensor([p]))[:, -1]
+        gm = gearfx.compile(model, "fp16", backend_compile=False)
+        assert torch.equal(gm.generate(ids, max_new_tokens=NEW)[:, PROMPT_LEN:], torch.stack(want, 1))
+        assert gearfx.compile(model, "gear-4bit", backend_compile=False).generate(ids, max_new_tokens=NEW).shape == (2, PROMPT_LEN + NEW)
+
+
+def test_unsupported_cache_read_names_the_node():
+    with pytest.raises(UnsupportedGraphError, match=r"node 'mean.*' .* reads the KV cache"):
+        gearfx.compile(tiny.ReadsCacheOddly(), "gear-4bit", backend_compile=False)
+
+
+def test_memory_report_is_the_allocated_state():
+    model = tiny.hf("llama")
+    for name in ("fp16", "gear-4bit", "gear-2bit", "gear-4bit-h2o"):
+        gm = gearfx.compile(model, name, max_cache_len=256, batch_size=2, backend_compile=False)
+        report = gm.memory_report()
+        state = [b for n, b in gm.program.constants.items() if n.startswith("gearfx_")]
+        assert report.total == sum(b.numel() * b.element_size() for b in state)
+        expected = cache_bytes(gm.recipe, num_layers=2, batch=2, heads=2, head_dim=64, capacity=256, dtype=torch.float32)
+        assert report.components == expected
+        assert "key_cache_0" not in gm.program.constants  # the fp cache is gone
+        assert report.recipe in str(report)
+
+
+def test_layer_overrides_apply_per_layer():
+    recipe = gearfx.recipes.parse_recipe({"name": "mixed", "window": 64,
+                                          "key": {"bits": 4, "group": 64}, "value": {"bits": 4, "axis": "token", "group": 64},
+                                          "layers": {0: {"key": {"bits": 16}, "value": {"bits": 16}}}})
+    gm = gearfx.compile(tiny.hf("llama"), recipe, max_cache_len=128, batch_size=1, backend_compile=False)
+    names = set(gm.program.constants)
+    assert "gearfx_0_key_data" in names and "gearfx_0_key_codes" not in names
+    assert "gearfx_1_key_codes" in names
+
+
+def test_sampling_is_seeded():
+    gm = gearfx.compile(tiny.hf("llama"), "gear-4bit", max_cache_len=64, batch_size=2, backend_compile=False)
+    ids, mask = padded_batch()
+    kw = dict(max_new_tokens=10, do_sample=True, temperature=0.7, top_p=0.9)
+    a = gm.generate(ids, mask, seed=0, **kw)
+    assert torch.equal(a, gm.generate(ids, mask, seed=0, **kw))
+    assert not torch.equal(a, gm.generate(ids, mask, seed=1, **kw))
+    with pytest.raises(ValueError, match="temperature > 0"):
+        gm.generate(ids, mask, max_new_tokens=2, do_sample=True, temperature=0.0)
+
+
+def test_cache_overflow_is_an_error():
+    gm = gearfx.compile(tiny.hf("llama"), "kivi-4bit", max_cache_len=32, batch_size=2, backend_compile=False)
+    ids, mask = padded_batch()
+    with pytest.raises(gearfx.CacheOverflowError, match="max_cache_len=32"):
+        gm.generate(ids, mask, max_new_tokens=30)
+    gm.prefill(ids, mask)
+    for _ in range(32 - PROMPT_LEN):
+        gm.decode(ids[:, :1])
+    with pytest.raises(gearfx.CacheOverflowError, match="cache full"):
+        gm.decode(ids[:, :1])
+
+
+def test_wrong_batch_size_is_an_error():
+    gm = gearfx.compile(tiny.hf("llama"), "fp16", max_cache_len=32, batch_size=2, backend_compile=False)
+    with pytest.raises(ValueError, match="batch_size=2"):
+        gm.prefill(torch.zeros(3, 4, dtype=torch.long))
+
+
+def test_export_returns_the_rewritten_program_which_decomposes():
+    ep = gearfx.export(tiny.hf("llama"), "gear-4bit", max_cache_len=64, batch_size=1)
+    targets = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
+    assert targets.count("gearfx.attend.default") == 2
+    assert not any("scaled_dot_product" in t for t in targets)
+    inlined = ep.run_decompositions({})  # what export pipelines do: the op becomes aten ops
+    assert not any("gearfx" in str(n.target) for n in inlined.graph.nodes if n.op == "call_function")
+    ids = torch.randint(0, 256, (1, 5))
+    args = dict(input_ids=ids, attention_mask=torch.ones(1, 64, dtype=torch.long),
+                position_ids=torch.arange(5)[None], cache_position=torch.arange(5))
+    with torch.no_grad():
+        torch.testing.assert_close(inlined.module()(**args), ep.module()(**args))
