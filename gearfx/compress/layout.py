@@ -1,7 +1,10 @@
 """The compressed cache's state tensors, and exact byte accounting derived from them.
 
 One decoder layer's cache is a set of named tensors with static shapes (B batch, H KV heads,
-D head_dim, cache dtype for anything kept in full precision):
+D head_dim). A cache that compresses keeps its uncompressed parts (window, outlier values, bits=16
+tensors) in 16 bits: the model's dtype for fp16/bf16 models, fp16 for fp32 models, as GEAR and
+KIVI store them; a cache that does not quantize (fp16, h2o recipes) keeps the model's dtype, so it
+is exact.
 
 - no compression (fp16 recipe): key.data, value.data [B, H, capacity, D].
 - compression, no eviction: N = ceil(capacity / window) chunk slots per head, each holding one
@@ -61,6 +64,13 @@ def chunk_layout(spec: TensorSpec, tokens: int, head_dim: int, dtype: torch.dtyp
     return out
 
 
+def kept_dtype(recipe: Recipe, dtype: torch.dtype) -> torch.dtype:
+    """dtype of the tensors a cache keeps uncompressed, for a model computing in `dtype`."""
+    if recipe.compresses and dtype == torch.float32:
+        return torch.float16
+    return dtype
+
+
 def slots(recipe: Recipe, capacity: int) -> tuple[int, int]:
     """(slots per head, tokens per slot) of a compressing or evicting cache."""
     if recipe.h2o is not None:
@@ -73,6 +83,7 @@ def cache_layout(
 ) -> dict[str, Meta]:
     """All state tensors of one layer's cache (see the module docstring), by name."""
     lead = (batch, heads)
+    dtype = kept_dtype(recipe, dtype)
     if not recipe.compresses and recipe.h2o is None:
         return {f"{part}.data": Meta(lead + (capacity, head_dim), dtype) for part in ("key", "value")}
     n, tokens = slots(recipe, capacity)

@@ -30,8 +30,11 @@ META_DTYPE = torch.float16  # scales, minimums, factors and outlier values are s
 _SHARD_BITS = {1: (1,), 2: (2,), 3: (2, 1), 4: (4,), 5: (4, 1), 6: (4, 2), 7: (4, 2, 1)}
 
 
+_TARGET = {b: getattr(torch, f"uint{b}") for b in range(1, 9)}  # torchao's quantization targets
+
+
 def _target_dtype(bits: int) -> torch.dtype:
-    return getattr(torch, f"uint{bits}")
+    return _TARGET[bits]
 
 
 def packed_size(n: int, bits: int) -> int:

@@ -1,10 +1,15 @@
 """gearfx's torch.library ops: what the rewritten program calls at each attention site.
 
-`gearfx::attend` stores a layer's new keys/values into its compressed state and returns the
-attention output (see `reference.attend`). It is registered with a CompositeImplicitAutograd
-kernel: on any retrace (torch.compile, run_decompositions, export lowering) it inlines into plain
-aten ops, so Inductor fuses it and ExecuTorch/ONNX need no custom kernel. The recipe and capacity
-travel as a JSON string argument, so the graph alone says what each site does.
+Both store a layer's new keys/values into its compressed state and return the attention output
+(see `reference.attend`); the recipe and capacity travel as a JSON string argument, so the graph
+alone says what each site does.
+
+- `gearfx::attend` has a CompositeImplicitAutograd kernel: any retrace (run_decompositions,
+  export lowering) inlines it into plain aten ops, so export pipelines need no custom kernel.
+- `gearfx::attend_kernel` is opaque to the program around it. Its CPU kernel is the reference
+  compiled with Inductor once per site config, so the thirty identical layers of a model share
+  one compiled kernel instead of each inlining its own copy into the model's graph (which made
+  compiling a 30-layer model take minutes). The runtime swaps it in (`passes.use_kernels`).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from functools import lru_cache
+from typing import Optional
 
 import torch
 
@@ -50,11 +56,40 @@ _lib.define(
 
 
 def _attend(q, k, v, cache_position, attn_mask, scale, config, state):
-    cfg = SiteConfig.from_json(config)
-    b, h, _, d = k.shape
-    names = cfg.layout(b, h, d, k.dtype)
-    return reference.attend(q, k, v, cache_position, attn_mask, scale, cfg.recipe, cfg.capacity,
-                            dict(zip(names, state)))
+    return _run(SiteConfig.from_json(config))(q, k, v, cache_position, attn_mask, scale, state)
 
 
 _lib.impl("attend", _attend, "CompositeImplicitAutograd")
+
+
+def _run(cfg: SiteConfig):
+    def run(q, k, v, cache_position, attn_mask, scale, state):
+        b, h, _, d = k.shape
+        names = cfg.layout(b, h, d, k.dtype)
+        return reference.attend(q, k, v, cache_position, attn_mask, scale, cfg.recipe, cfg.capacity,
+                                dict(zip(names, state)))
+    return run
+
+
+@lru_cache(maxsize=None)
+def _compiled(config: str, decode: bool):
+    # Decode steps (L = 1) get a static kernel: every shape is fixed and torch.cond (chunk
+    # closing) needs concrete head/batch sizes. Prefill lengths vary, so its kernel is dynamic.
+    run = _run(SiteConfig.from_json(config))
+    # A code object of its own per kernel: dynamo caches compiled entries per code object, and one
+    # shared by every config would reach its recompile limit (and fall back to eager) after a few.
+    run.__code__ = run.__code__.replace(co_name=f"gearfx_attend_{'decode' if decode else 'prefill'}")
+    return torch.compile(run, dynamic=not decode)
+
+
+@torch.library.custom_op("gearfx::attend_kernel", mutates_args=("state",))
+def attend_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_position: torch.Tensor,
+                  attn_mask: Optional[torch.Tensor], scale: float, config: str,
+                  state: list[torch.Tensor]) -> torch.Tensor:
+    decode = q.shape[2] == 1
+    return _compiled(config, decode)(q, k, v, cache_position, attn_mask, scale, state)
+
+
+@attend_kernel.register_fake
+def _(q, k, v, cache_position, attn_mask, scale, config, state):
+    return torch.empty_like(q)

@@ -7,8 +7,8 @@ attention output of `q` over everything cached so far, under the model's own mas
 Every shape is static (capacity, chunk slots, H2O slots), so a decode step compiles once:
 - Without eviction the cache is positional: sequence position p lives in chunk slot p // window.
   The chunk being filled is read from the full-precision window; earlier chunks from their
-  compressed form. A decode step compresses the window into its slot every time (a partial chunk
-  is overwritten until it is complete, and never read before), so no step branches on data.
+  compressed form. The decode step that fills the window compresses it into its slot (a
+  `torch.cond`, so other steps skip the work and the graph stays one graph).
 - The new tokens are always attended in full precision: prefill is exact over the prompt.
 - With H2O, slots hold single tokens at arbitrary positions; the op builds its mask by gathering
   the model's mask at each slot's position, and adds the step's attention to the slot scores.
@@ -21,14 +21,15 @@ import torch.nn.functional as F
 
 from gearfx.compress import gear, h2o, lowrank
 from gearfx.compress.gear import Chunk
-from gearfx.compress.layout import slots
+from gearfx.compress.layout import kept_dtype, slots
 from gearfx.recipes import Recipe, TensorSpec
 
 FIELDS = Chunk._fields
 
 
 def _compress(x: torch.Tensor, spec: TensorSpec, recipe: Recipe) -> dict[str, torch.Tensor]:
-    """x [..., T, D] -> the state fields of one compressed chunk per leading index."""
+    """x [..., T, D] (already in the cache's kept dtype) -> the state fields of one compressed
+    chunk per leading index."""
     if not spec.quantized:
         return {"data": x}
     rank = spec.resolve_rank(x.shape[-2])
@@ -40,7 +41,7 @@ def _compress(x: torch.Tensor, spec: TensorSpec, recipe: Recipe) -> dict[str, to
 def _decompress(state: dict[str, torch.Tensor], part: str, spec: TensorSpec, dtype) -> torch.Tensor:
     """[B, H, N, T, D]: every slot of `part` ("key" or "value") reconstructed."""
     if not spec.quantized:
-        return state[f"{part}.data"]
+        return state[f"{part}.data"].to(dtype)
     c = Chunk(*(state.get(f"{part}.{f}") for f in FIELDS))
     return gear.decompress(c, spec, dtype)
 
@@ -49,6 +50,11 @@ def _write_slots(state, part: str, fields: dict[str, torch.Tensor], index: torch
     """state[part.field][:, :, index] = fields[field] for every field (slot dim 2)."""
     for f, t in fields.items():
         state[f"{part}.{f}"].index_copy_(2, index, t.to(state[f"{part}.{f}"].dtype))
+
+
+def _tracing(t: torch.Tensor) -> bool:
+    """Whether this runs under a tracer (dynamo, export, make_fx), not on real tensors."""
+    return torch.compiler.is_compiling() or type(t) is not torch.Tensor
 
 
 def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -102,12 +108,13 @@ def attend(
 def _attend_chunked(q, k, v, cache_position, attn_mask, scale, recipe, capacity, state):
     b, h, length, d = k.shape
     n, c = slots(recipe, capacity)
+    kept = kept_dtype(recipe, q.dtype)
     first = cache_position[:1] // c  # the chunk the window holds before this call
     chunk_ids = torch.arange(n, device=q.device)
     full = {}
-    for part, x, spec in (("key", k, recipe.key), ("value", v, recipe.value)):
-        stored = _decompress(state, part, spec, q.dtype)  # [B, H, N, C, D]
-        window = state[f"window.{part}"][:, :, None]
+    for part, x in (("key", k), ("value", v)):
+        stored = _decompress(state, part, getattr(recipe, part), q.dtype)  # [B, H, N, C, D]
+        window = state[f"window.{part}"][:, :, None].to(q.dtype)
         stored = torch.where((chunk_ids == first)[:, None, None], window, stored)
         full[part] = stored.reshape(b, h, n * c, d).index_copy(2, cache_position, x)
     g = q.shape[1] // h
@@ -115,21 +122,36 @@ def _attend_chunked(q, k, v, cache_position, attn_mask, scale, recipe, capacity,
     out = F.scaled_dot_product_attention(
         q, _repeat_kv(full["key"], g), _repeat_kv(full["value"], g), attn_mask=bias, scale=scale)
 
-    for part, x, spec in (("key", k, recipe.key), ("value", v, recipe.value)):
-        win = state[f"window.{part}"]
-        if length == 1:  # decode: the token joins the window, which is (re)compressed into its slot
-            win.index_copy_(2, cache_position % c, x)
-            _write_slots(state, part, {f: t[:, :, None] for f, t in _compress(win, spec, recipe).items()},
-                         cache_position // c)
+    for part, x in (("key", k), ("value", v)):
+        spec, win = getattr(recipe, part), state[f"window.{part}"]
+        names = [f for f in ("data",) + FIELDS if f"{part}.{f}" in state]
+        if length == 1:  # decode: the token joins the window; a full window becomes its chunk
+            win.index_copy_(2, cache_position % c, x.to(kept))
+            slot = cache_position // c
+            current = tuple(state[f"{part}.{f}"].index_select(2, slot)[:, :, 0] for f in names)
+
+            def close(w, *_):
+                fields = _compress(w, spec, recipe)
+                return tuple(fields[f].to(t.dtype) for f, t in zip(names, current))
+
+            def wait(w, *cur):
+                return tuple(t.clone() for t in cur)
+
+            closes = (cache_position[0] % c) == c - 1
+            operands = (win, *current)
+            if _tracing(cache_position):
+                new = torch.cond(closes, close, wait, operands)
+            else:  # eager torch.cond would trace both branches on every call
+                new = close(*operands) if bool(closes) else wait(*operands)
+            _write_slots(state, part, {f: t[:, :, None] for f, t in zip(names, new)}, slot)
         else:  # prefill: chunks from the window's onwards are built from full-precision tokens
-            chunks = full[part].view(b, h, n, c, d)
+            chunks = full[part].view(b, h, n, c, d).to(kept)
             fresh = _compress(chunks, spec, recipe)
             keep = chunk_ids < first
             for f, t in fresh.items():
                 old = state[f"{part}.{f}"]
                 old.copy_(torch.where(keep.view(n, *[1] * (old.dim() - 3)), old, t.to(old.dtype)))
-            last = cache_position[-1:] // c
-            win.copy_(chunks.index_select(2, last)[:, :, 0])
+            win.copy_(chunks.index_select(2, cache_position[-1:] // c)[:, :, 0])
     return out
 
 
@@ -139,10 +161,11 @@ def _attend_h2o(q, k, v, cache_position, attn_mask, scale, recipe, capacity, sta
     g = hq // h
     heavy, recent, sinks = recipe.h2o.budget(capacity)
     positions, scores = state["h2o.positions"], state["h2o.scores"]
+    kept = kept_dtype(recipe, q.dtype)
     if length == 1:
         slot = h2o.choose_slot(scores, positions, cache_position, recent, sinks)  # [B, H]
         for part, x, spec in (("key", k, recipe.key), ("value", v, recipe.value)):
-            for f, t in _compress(x, spec, recipe).items():  # t [B, H, 1, ...]
+            for f, t in _compress(x.to(kept), spec, recipe).items():  # t [B, H, 1, ...]
                 dst = state[f"{part}.{f}"]
                 idx = slot.view(b, h, *[1] * (dst.dim() - 2)).expand(b, h, 1, *dst.shape[3:])
                 dst.scatter_(2, idx, t[:, :, None].to(dst.dtype) if t.dim() == dst.dim() - 1 else t.to(dst.dtype))
@@ -174,8 +197,8 @@ def _attend_h2o(q, k, v, cache_position, attn_mask, scale, recipe, capacity, sta
         keep = h2o.keep_after_prefill(token_scores, heavy, recent, sinks)  # [B, H, S]
         src = keep.clamp_min(0)
         for part, x, spec in (("key", k, recipe.key), ("value", v, recipe.value)):
-            kept = x.gather(2, src[..., None].expand(b, h, src.shape[-1], d))
-            for f, t in _compress(kept[:, :, :, None], spec, recipe).items():
+            tokens = x.gather(2, src[..., None].expand(b, h, src.shape[-1], d))
+            for f, t in _compress(tokens[:, :, :, None].to(kept), spec, recipe).items():
                 state[f"{part}.{f}"].copy_(t.to(state[f"{part}.{f}"].dtype))
         positions.copy_(keep.to(positions.dtype))
         scores.copy_(token_scores.gather(-1, src).masked_fill(keep == h2o.EMPTY, 0.0))

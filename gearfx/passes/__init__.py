@@ -2,5 +2,6 @@
 
 from gearfx.passes.find_kv_sites import KVSite, UnsupportedGraphError, find_kv_sites
 from gearfx.passes.rewrite_kv import rewrite_kv, state_target
+from gearfx.passes.use_kernels import use_kernels
 
-__all__ = ["KVSite", "UnsupportedGraphError", "find_kv_sites", "rewrite_kv", "state_target"]
+__all__ = ["KVSite", "UnsupportedGraphError", "find_kv_sites", "rewrite_kv", "state_target", "use_kernels"]

@@ -1,0 +1,23 @@
+"""Point every gearfx::attend call at gearfx::attend_kernel (same schema, opaque to the graph)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch.export import ExportedProgram
+
+import gearfx.ops  # noqa: F401  (registers torch.ops.gearfx)
+
+
+def use_kernels(ep: ExportedProgram) -> ExportedProgram:
+    gm = copy.deepcopy(ep.graph_module)
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target == torch.ops.gearfx.attend.default:
+            node.target = torch.ops.gearfx.attend_kernel.default
+    gm.graph.lint()
+    gm.recompile()
+    return torch.export.ExportedProgram(
+        root=gm, graph=gm.graph, graph_signature=ep.graph_signature, state_dict=ep.state_dict,
+        range_constraints=ep.range_constraints, module_call_graph=ep.module_call_graph,
+        example_inputs=ep.example_inputs, constants=ep.constants, verifiers=ep.verifiers)
