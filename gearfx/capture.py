@@ -60,6 +60,15 @@ class Decoder:
     batch_size: int
     max_cache_len: int
     takes_mask: bool  # HF decoders take attention_mask + position_ids; plain modules do not
+    eos_token_ids: tuple[int, ...] = ()  # generation stops once every row has produced one
+    pad_token_id: int | None = None  # what finished rows emit until the others finish
+
+
+def _special_tokens(model: nn.Module) -> tuple[tuple[int, ...], int | None]:
+    eos = model.generation_config.eos_token_id
+    eos = () if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
+    pad = model.generation_config.pad_token_id
+    return eos, pad if pad is not None else (eos[0] if eos else None)
 
 
 def is_transformers_model(model: nn.Module) -> bool:
@@ -84,7 +93,7 @@ def export_decoder(model: nn.Module, batch_size: int | None = None, max_cache_le
             # strict: the model reaches its cache through the StaticCache object, not the module's
             # buffer table; only dynamo sees that these are the same tensors as the buffers.
             ep = torch.export.export(module, (), example, dynamic_shapes=shapes, strict=True)
-            return Decoder(ep, batch_size, max_cache_len, takes_mask=True)
+            return Decoder(ep, batch_size, max_cache_len, True, *_special_tokens(model))
         caches = [b for b in model.buffers() if b.dim() == 4]
         if not caches:
             raise ValueError(f"{type(model).__name__} has no rank-4 KV cache buffers [B, H_kv, T, D]")

@@ -10,6 +10,7 @@ from torch.export import ExportedProgram
 
 from gearfx.capture import Decoder
 from gearfx.compress.layout import fp16_bytes
+from gearfx.passes import use_kernels
 from gearfx.passes.rewrite_kv import STATE_PREFIX
 from gearfx.recipes import Recipe
 
@@ -46,7 +47,8 @@ class MemoryReport:
 class CompiledModel:
     """A decoder whose KV cache is the recipe's compressed cache.
 
-    The rewritten program runs compiled with Inductor (or eagerly with compile=False). Position
+    With compile=True the program runs under Inductor, its attention sites calling the opaque
+    gearfx::attend_kernel; with compile=False it runs eagerly on the reference op. Position
     state lives here: `prefill` starts a sequence batch, `decode` appends one token per row.
     """
 
@@ -58,8 +60,13 @@ class CompiledModel:
         self.batch_size = decoder.batch_size
         self.max_cache_len = decoder.max_cache_len
         self._takes_mask = decoder.takes_mask
-        self._module = program.module()
-        self._step = torch.compile(self._module, dynamic=True) if compile else self._module
+        self.eos_token_ids, self.pad_token_id = decoder.eos_token_ids, decoder.pad_token_id
+        if compile:
+            self._module = use_kernels(program).module()
+            self._step = torch.compile(self._module, dynamic=True)
+        else:
+            self._module = program.module()
+            self._step = self._module
         self._position = 0
         self._mask = None  # [B, max_cache_len] for transformers models: 1 = real token
         self._next_pos = None  # [B, 1] next position id of each row
@@ -115,23 +122,31 @@ class CompiledModel:
     def stream(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0,
                top_p: float = 1.0, top_k: int = 0, seed: int | None = None) -> Iterator[torch.Tensor]:
-        """Yield the next token of every row ([B] int64) as it is produced."""
+        """Yield the next token of every row ([B] int64) as it is produced, until max_new_tokens or
+        every row has produced an end-of-sequence token (finished rows then yield the pad token)."""
         if input_ids.shape[1] + max_new_tokens - 1 > self.max_cache_len:
             raise CacheOverflowError(
                 f"prompt of {input_ids.shape[1]} tokens + {max_new_tokens} new tokens needs "
                 f"{input_ids.shape[1] + max_new_tokens - 1} cache slots > max_cache_len={self.max_cache_len}")
         pick = _sampler(do_sample, temperature, top_p, top_k, seed)
+        eos = torch.tensor(self.eos_token_ids, dtype=torch.long)
+        finished = torch.zeros(input_ids.shape[0], dtype=torch.bool)
         logits = self.prefill(input_ids, attention_mask)[:, -1]
         for i in range(max_new_tokens):
             token = pick(logits)
+            if self.pad_token_id is not None:
+                token = token.masked_fill(finished, self.pad_token_id)
             yield token
-            if i + 1 < max_new_tokens:
-                logits = self.decode(token[:, None])[:, -1]
+            finished |= torch.isin(token, eos)
+            if bool(finished.all()) or i + 1 == max_new_tokens:
+                return
+            logits = self.decode(token[:, None])[:, -1]
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                  max_new_tokens: int, on_token: Callable[[torch.Tensor], None] | None = None,
                  **sampling) -> torch.Tensor:
-        """Prompt + new tokens, [B, L + max_new_tokens]; greedy unless do_sample=True (see `stream`)."""
+        """Prompt + new tokens, [B, L + up to max_new_tokens]; greedy unless do_sample=True (see
+        `stream`)."""
         new = []
         for token in self.stream(input_ids, attention_mask, max_new_tokens=max_new_tokens, **sampling):
             new.append(token)

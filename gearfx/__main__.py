@@ -1,0 +1,3 @@
+from gearfx.cli import main
+
+main()

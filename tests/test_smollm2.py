@@ -1,0 +1,69 @@
+"""gearfx on the real model (SmolLM2-135M-Instruct, fetched from PyPI), CPU-sized."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import gearfx
+from gearfx import evaluate as ev
+from gearfx import models
+
+TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2_raw_test.txt"
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return models.load("smollm2-135m")
+
+
+def test_fp16_recipe_reproduces_hf_greedy_tokens(smollm2):
+    model, tok = smollm2
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    want = model.generate(ids, max_new_tokens=16, do_sample=False, cache_implementation="static")
+    gm = gearfx.compile(model, "fp16", max_cache_len=64, batch_size=1, backend_compile=False)
+    got = gm.generate(ids, max_new_tokens=16)
+    assert torch.equal(got, want)
+    assert " Paris" in tok.decode(got[0, ids.shape[1]:])
+
+
+@pytest.fixture(scope="module")
+def scored(smollm2):
+    """fp16, kivi-4bit, gear-4bit and gear-2bit scored on 96 tokens after a 160-token prefill."""
+    model, tok = smollm2
+    ids = ev.read_tokens(tok, TEXT, 256)
+    compiled = ev.compile_all(lambda r: gearfx.compile(model, r, max_cache_len=256, batch_size=1, backend_compile=False),
+                              ["kivi-4bit", "gear-4bit", "gear-2bit"])
+    return ids, {r.recipe: r for r in ev.evaluate(compiled, ids, prefill=160, progress=False)}
+
+
+def test_fp16_eval_reproduces_the_uncompressed_forward_pass(smollm2, scored):
+    model, _ = smollm2
+    ids, results = scored
+    with torch.no_grad():
+        logp = model(ids).logits[0, 159:-1].log_softmax(-1)
+    ppl = math.exp(-logp.gather(-1, ids[0, 160:, None]).mean().item())
+    assert abs(results["fp16"].ppl / ppl - 1) < 1e-4
+    assert results["fp16"].kl < 1e-6 and results["fp16"].top1_agreement == 1.0
+
+
+def test_compressed_recipes_stay_within_bounds(scored):
+    _, r = scored
+    for name in ("kivi-4bit", "gear-4bit"):
+        assert abs(r[name].ppl_delta_pct) < 5.0 and r[name].kl < 0.05 and r[name].top1_agreement > 0.85, r[name]
+    assert r["gear-2bit"].kl < 0.5 and r["gear-2bit"].kl > r["gear-4bit"].kl
+    # an fp32 model's uncompressed cache is twice an fp16 one; even at this small capacity, where
+    # the fp16 window is up to half of it, a compressed cache is smaller than an fp16 one
+    assert r["fp16"].kv_bytes_ratio == 2.0
+    assert all(r[n].kv_bytes_ratio < 1.0 for n in ("kivi-4bit", "gear-4bit", "gear-2bit"))
+
+
+def test_eval_text_errors(smollm2, tmp_path):
+    _, tok = smollm2
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ev.read_tokens(tok, tmp_path / "missing.txt", 10)
+    short = tmp_path / "short.txt"
+    short.write_text("only a few words")
+    with pytest.raises(ValueError, match="tokens; 100 were asked for"):
+        ev.read_tokens(tok, short, 100)
