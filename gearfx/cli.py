@@ -37,6 +37,13 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+def _load(model: str, dtype: str = "float32"):
+    try:
+        return model_store.load(model, dtype=_dtype(dtype))
+    except ValueError as e:
+        _fail(str(e))
+
+
 @models_app.command("fetch")
 def models_fetch(name: str) -> None:
     """Download and convert a known model into the cache; prints its folder."""
@@ -76,7 +83,7 @@ def generate(
     compile: Annotated[bool, typer.Option(help="Compile with Inductor (slower start, faster steps).")] = True,
 ) -> None:
     """Generate from a prompt through the compressed cache, streaming tokens as they come."""
-    lm, tokenizer = model_store.load(model, dtype=_dtype(dtype))
+    lm, tokenizer = _load(model, dtype)
     gm = gearfx.compile(lm, recipe, max_cache_len=max_cache_len, batch_size=1, backend_compile=compile)
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     new: list[int] = []
@@ -110,7 +117,7 @@ def evaluate(
     """Perplexity, KL and top-1 agreement through the compressed cache, against fp16."""
     from gearfx import evaluate as ev
 
-    lm, tokenizer = model_store.load(model, dtype=_dtype(dtype))
+    lm, tokenizer = _load(model, dtype)
     try:
         ids = ev.read_tokens(tokenizer, text, prefill + tokens)
     except (FileNotFoundError, ValueError) as e:
@@ -148,7 +155,7 @@ def demo(
     from gearfx import evaluate as ev
 
     torch.manual_seed(0)
-    lm, tokenizer = model_store.load(model)
+    lm, tokenizer = _load(model)
     prompt = "The capital of France is"
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     typer.secho(f"== {model} with recipe {recipe!r} (compiling with Inductor)", bold=True)

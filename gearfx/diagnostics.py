@@ -10,6 +10,7 @@ import torch
 from transformers import DynamicCache
 
 from gearfx.compress import gear, lowrank
+from gearfx.compress.layout import kept_dtype
 from gearfx.recipes import Recipe, TensorSpec
 
 
@@ -27,6 +28,7 @@ def reconstruct(x: torch.Tensor, spec: TensorSpec, recipe: Recipe) -> torch.Tens
     own slot (eviction is not part of this measurement)."""
     if not spec.quantized:
         return x
+    x = x.to(kept_dtype(recipe, x.dtype))  # what the cache stores before compressing
     chunk = 1 if recipe.h2o is not None else recipe.window
     b, h, t, d = x.shape
     n = t // chunk * chunk
@@ -45,7 +47,7 @@ def relative_error(recipe: Recipe, kv: list[tuple[torch.Tensor, torch.Tensor]]) 
         r = recipe.for_layer(i)
         errs = []
         for x, spec in ((k, r.key), (v, r.value)):
-            y = reconstruct(x.float(), spec, r)
+            y = reconstruct(x, spec, r).float()
             errs.append(((y - x.float()).norm() / x.float().norm()).item())
         out.append((errs[0], errs[1]))
     return out

@@ -67,3 +67,12 @@ def test_eval_text_errors(smollm2, tmp_path):
     short.write_text("only a few words")
     with pytest.raises(ValueError, match="tokens; 100 were asked for"):
         ev.read_tokens(tok, short, 100)
+
+
+def test_memory_targets_at_4096_tokens(smollm2):
+    """The compiled real model's allocated state: gear-4bit <= 0.35x, gear-2bit <= 0.22x of fp16."""
+    model, _ = smollm2
+    ratio = {name: gearfx.compile(model, name, max_cache_len=4096, batch_size=1,
+                                  backend_compile=False).memory_report().ratio
+             for name in ("gear-4bit", "gear-2bit")}
+    assert ratio["gear-4bit"] <= 0.35 and ratio["gear-2bit"] <= 0.22, ratio

@@ -16,10 +16,12 @@ Every shape is static (capacity, chunk slots, H2O slots), so a decode step compi
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
-from gearfx.compress import gear, h2o, lowrank
+from gearfx.compress import gear, h2o, lowrank, quantize
 from gearfx.compress.gear import Chunk
 from gearfx.compress.layout import kept_dtype, slots
 from gearfx.recipes import Recipe, TensorSpec
@@ -44,6 +46,77 @@ def _decompress(state: dict[str, torch.Tensor], part: str, spec: TensorSpec, dty
         return state[f"{part}.data"].to(dtype)
     c = Chunk(*(state.get(f"{part}.{f}") for f in FIELDS))
     return gear.decompress(c, spec, dtype)
+
+
+class Corrections(NamedTuple):
+    """GEAR's corrections of a compressed store, applied in factored form: attention adds them to
+    scores and outputs without rebuilding the full-precision keys and values.
+
+    a [B, H, N, C, r], b [B, H, N, D, r]: low-rank factors of each chunk (or None);
+    delta [B, H, N*k]: outlier value minus what codes + factors give there (or None), at token
+    position pos [B, H, N*k] (in 0..N*C) and channel dim [B, H, N*k]; tokens = N*C; head_dim = D.
+    """
+
+    a: torch.Tensor | None
+    b: torch.Tensor | None
+    delta: torch.Tensor | None
+    pos: torch.Tensor | None
+    dim: torch.Tensor | None
+    tokens: int
+    head_dim: int
+
+    def scores(self, q5: torch.Tensor) -> torch.Tensor:
+        """Correction of q5 [B, H, g, L, D] @ K^T: [B, H, g, L, N*C]."""
+        bb, h, g, length, _ = q5.shape
+        out = torch.zeros(())
+        if self.a is not None:  # (q . b) . a^T, per chunk
+            qb = torch.einsum("bhgld,bhndr->bhglnr", q5, self.b)
+            out = torch.einsum("bhglnr,bhncr->bhglnc", qb, self.a).flatten(-2)
+        if self.delta is not None:  # q[dim] * delta, added at each outlier's token
+            shape = (bb, h, g, length, self.pos.shape[-1])
+            qd = q5.gather(-1, self.dim[:, :, None, None].expand(shape)) * self.delta[:, :, None, None]
+            zeros = qd.new_zeros(*shape[:-1], self.tokens)
+            out = out + zeros.scatter_add(-1, self.pos[:, :, None, None].expand(shape), qd)
+        return out
+
+    def output(self, probs: torch.Tensor) -> torch.Tensor:
+        """Correction of probs [B, H, g, L, N*C] @ V: [B, H, g, L, D]."""
+        bb, h, g, length, _ = probs.shape
+        out = probs.new_zeros(bb, h, g, length, self.head_dim)
+        if self.a is not None:  # (p . a) . b^T, per chunk
+            n, c = self.a.shape[2:4]
+            pa = torch.einsum("bhglnc,bhncr->bhglnr", probs.view(bb, h, g, length, n, c), self.a)
+            out = out + torch.einsum("bhglnr,bhndr->bhgld", pa, self.b)
+        if self.delta is not None:  # p[token] * delta, added at each outlier's channel
+            shape = (bb, h, g, length, self.pos.shape[-1])
+            pd = probs.gather(-1, self.pos[:, :, None, None].expand(shape)) * self.delta[:, :, None, None]
+            out = out.scatter_add(-1, self.dim[:, :, None, None].expand(shape), pd)
+        return out
+
+
+def _stored(state, part: str, spec: TensorSpec) -> tuple[torch.Tensor, Corrections | None]:
+    """The store of `part` as (dequantized codes [B, H, N, C, D] fp32, corrections or None)."""
+    if not spec.quantized:
+        return state[f"{part}.data"].float(), None
+    c = Chunk(*(state.get(f"{part}.{f}") for f in FIELDS))
+    deq = quantize.dequantize(c.codes, c.scale, c.minimum, spec.bits, spec.axis, spec.group)
+    if c.a is None and c.outlier_index is None:
+        return deq, None
+    bb, h, n, t, d = deq.shape
+    a = b = delta = pos = dim = None
+    if c.a is not None:
+        a, b = c.a.float(), c.b.float()
+    if c.outlier_index is not None:
+        idx = c.outlier_index.long()  # [B, H, N, k] flat in each chunk's T x D
+        there = deq.flatten(-2).gather(-1, idx)
+        if a is not None:  # what the factors add at each outlier
+            ta, db = idx // d, idx % d
+            there = there + (a.gather(-2, ta[..., None].expand(*ta.shape, a.shape[-1]))
+                             * b.gather(-2, db[..., None].expand(*db.shape, b.shape[-1]))).sum(-1)
+        delta = (c.outlier_values.float() - there).flatten(2)
+        chunk = torch.arange(n, device=idx.device)[:, None] * t
+        pos, dim = (idx // d + chunk).flatten(2), (idx % d).flatten(2)
+    return deq, Corrections(a, b, delta, pos, dim, n * t, d)
 
 
 def _write_slots(state, part: str, fields: dict[str, torch.Tensor], index: torch.Tensor) -> None:
@@ -111,16 +184,26 @@ def _attend_chunked(q, k, v, cache_position, attn_mask, scale, recipe, capacity,
     kept = kept_dtype(recipe, q.dtype)
     first = cache_position[:1] // c  # the chunk the window holds before this call
     chunk_ids = torch.arange(n, device=q.device)
-    full = {}
+    exact = (chunk_ids == first).repeat_interleave(c)  # positions read in full precision
+    exact = exact.index_fill(0, cache_position, True)
+    base, fix = {}, {}
     for part, x in (("key", k), ("value", v)):
-        stored = _decompress(state, part, getattr(recipe, part), q.dtype)  # [B, H, N, C, D]
-        window = state[f"window.{part}"][:, :, None].to(q.dtype)
-        stored = torch.where((chunk_ids == first)[:, None, None], window, stored)
-        full[part] = stored.reshape(b, h, n * c, d).index_copy(2, cache_position, x)
+        codes, corrections = _stored(state, part, getattr(recipe, part))  # [B, H, N, C, D]
+        window = state[f"window.{part}"][:, :, None].float()
+        codes = torch.where((chunk_ids == first)[:, None, None], window, codes)
+        base[part] = codes.reshape(b, h, n * c, d).index_copy(2, cache_position, x.float())
+        fix[part] = corrections
     g = q.shape[1] // h
-    bias = _bias(attn_mask, cache_position, n * c, q.dtype)
-    out = F.scaled_dot_product_attention(
-        q, _repeat_kv(full["key"], g), _repeat_kv(full["value"], g), attn_mask=bias, scale=scale)
+    q5 = q.float().view(b, h, g, length, d)
+    scores = q5 @ base["key"][:, :, None].mT  # [B, H, g, L, N*C]
+    if fix["key"] is not None:
+        scores = scores + fix["key"].scores(q5) * ~exact
+    bias = _bias(attn_mask, cache_position, n * c, torch.float32)  # [B|1, 1, L, N*C]
+    probs = (scores * scale + bias[:, :, None]).softmax(dim=-1)
+    out = probs @ base["value"][:, :, None]  # [B, H, g, L, D]
+    if fix["value"] is not None:
+        out = out + fix["value"].output(probs * ~exact)
+    out = out.to(q.dtype).reshape(b, h * g, length, d)
 
     for part, x in (("key", k), ("value", v)):
         spec, win = getattr(recipe, part), state[f"window.{part}"]
@@ -145,7 +228,7 @@ def _attend_chunked(q, k, v, cache_position, attn_mask, scale, recipe, capacity,
                 new = close(*operands) if bool(closes) else wait(*operands)
             _write_slots(state, part, {f: t[:, :, None] for f, t in zip(names, new)}, slot)
         else:  # prefill: chunks from the window's onwards are built from full-precision tokens
-            chunks = full[part].view(b, h, n, c, d).to(kept)
+            chunks = base[part].view(b, h, n, c, d).to(kept)
             fresh = _compress(chunks, spec, recipe)
             keep = chunk_ids < first
             for f, t in fresh.items():

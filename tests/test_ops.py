@@ -1,0 +1,30 @@
+"""The attention op's algebra: corrections applied in factored form equal attention over the
+reconstructed keys/values (the identity a fused kernel relies on)."""
+
+import pytest
+import torch
+
+from gearfx.compress import gear, lowrank
+from gearfx.ops.reference import FIELDS, _stored
+from gearfx.recipes import TensorSpec
+
+
+@pytest.mark.parametrize("rank, outliers", [(2, 0.02), (1, 0.0), (0, 0.03)])
+@pytest.mark.parametrize("axis", ["channel", "token"])
+def test_factored_corrections_equal_reconstruction(rank, outliers, axis):
+    g = torch.Generator().manual_seed(0)
+    b, h, n, c, d, groups, length = 2, 2, 3, 16, 64, 3, 2
+    x = torch.randn(b, h, n, c, d, generator=g)
+    x[..., 5] = x[..., 5] * 20 + 4
+    spec = TensorSpec(4, axis, 16, rank=rank, outliers=outliers)
+    chunk = gear.compress(x, spec, lowrank.start_vectors(d, rank, 0) if rank else None, 3)
+    state = {f"key.{f}": t for f, t in chunk._asdict().items() if t is not None}
+    assert set(state) <= {f"key.{f}" for f in FIELDS}
+    deq, fix = _stored(state, "key", spec)
+    rebuilt = gear.decompress(chunk, spec, torch.float32).reshape(b, h, n * c, d)
+    q = torch.randn(b, h, groups, length, d, generator=g)
+    probs = torch.rand(b, h, groups, length, n * c, generator=g)
+    torch.testing.assert_close(q @ deq.reshape(b, h, 1, n * c, d).mT + fix.scores(q),
+                               q @ rebuilt[:, :, None].mT, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(probs @ deq.reshape(b, h, 1, n * c, d) + fix.output(probs),
+                               probs @ rebuilt[:, :, None], rtol=1e-4, atol=1e-4)
