@@ -28,3 +28,22 @@ def test_factored_corrections_equal_reconstruction(rank, outliers, axis):
                                q @ rebuilt[:, :, None].mT, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(probs @ deq.reshape(b, h, 1, n * c, d) + fix.output(probs),
                                probs @ rebuilt[:, :, None], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("recipe", ["fp16", "gear-4bit", "gear-4bit-h2o"])
+@pytest.mark.parametrize("length", [1, 5])
+def test_attend_kernel_fake_matches_real(recipe, length):
+    """opcheck: schema, fake (meta) kernel vs real outputs, with q a transposed view as in models."""
+    import gearfx
+    from gearfx.compress.layout import allocate
+    from gearfx.ops import SiteConfig
+
+    b, h, hq, d, capacity = 1, 2, 4, 64, 128
+    cfg = SiteConfig(gearfx.load_recipe(recipe), capacity)
+    state = list(allocate(cfg.layout(b, h, d, torch.float32)).values())
+    q = torch.randn(b, length, hq, d).transpose(1, 2)
+    k, v = torch.randn(b, h, length, d), torch.randn(b, h, length, d)
+    mask = torch.ones(b, 1, length, capacity, dtype=torch.bool)
+    args = (q, k, v, torch.arange(length), mask, 0.125, cfg.to_json(), state)
+    torch.library.opcheck(torch.ops.gearfx.attend_kernel.default, args,
+                          test_utils=("test_schema", "test_faketensor"))

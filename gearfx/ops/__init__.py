@@ -87,9 +87,10 @@ def attend_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_posit
                   attn_mask: Optional[torch.Tensor], scale: float, config: str,
                   state: list[torch.Tensor]) -> torch.Tensor:
     decode = q.shape[2] == 1
-    return _compiled(config, decode)(q, k, v, cache_position, attn_mask, scale, state)
+    return _compiled(config, decode)(q, k, v, cache_position, attn_mask, scale, state).contiguous()
 
 
 @attend_kernel.register_fake
 def _(q, k, v, cache_position, attn_mask, scale, config, state):
-    return torch.empty_like(q)
+    # contiguous, whatever q's strides: q is usually a transposed view, the output never is
+    return q.new_empty(q.shape)
