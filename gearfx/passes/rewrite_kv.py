@@ -18,10 +18,10 @@ import torch
 from torch.export import ExportedProgram
 from torch.export.graph_signature import (ExportGraphSignature, InputKind, InputSpec, TensorArgument)
 
-import gearfx.ops  # noqa: F401  (registers torch.ops.gearfx)
 from gearfx.compress.layout import allocate
-from gearfx.ops import SiteConfig
+from gearfx.ops import SiteConfig  # also registers torch.ops.gearfx
 from gearfx.passes.find_kv_sites import ASSERTS, PROB_PASSTHROUGH, UnsupportedGraphError, find_kv_sites
+from gearfx.passes.program import with_graph
 from gearfx.recipes import Recipe
 
 
@@ -98,11 +98,8 @@ def rewrite_kv(ep: ExportedProgram, recipe: Recipe) -> ExportedProgram:
             specs.append(spec)
     for t in targets:
         constants.pop(t, None)
-    return ExportedProgram(
-        root=gm, graph=graph, graph_signature=ExportGraphSignature(specs, list(sig.output_specs)),
-        state_dict={k: v for k, v in ep.state_dict.items() if k not in targets},
-        range_constraints=ep.range_constraints, module_call_graph=copy.deepcopy(ep.module_call_graph),
-        example_inputs=ep.example_inputs, constants=constants, verifiers=ep.verifiers)
+    return with_graph(ep, gm, ExportGraphSignature(specs, list(sig.output_specs)), constants,
+                      {k: v for k, v in ep.state_dict.items() if k not in targets})
 
 
 def _remove_dead(graph: torch.fx.Graph) -> None:

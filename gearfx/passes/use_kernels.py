@@ -8,6 +8,7 @@ import torch
 from torch.export import ExportedProgram
 
 import gearfx.ops  # noqa: F401  (registers torch.ops.gearfx)
+from gearfx.passes.program import with_graph
 
 
 def use_kernels(ep: ExportedProgram) -> ExportedProgram:
@@ -17,7 +18,4 @@ def use_kernels(ep: ExportedProgram) -> ExportedProgram:
             node.target = torch.ops.gearfx.attend_kernel.default
     gm.graph.lint()
     gm.recompile()
-    return torch.export.ExportedProgram(
-        root=gm, graph=gm.graph, graph_signature=ep.graph_signature, state_dict=ep.state_dict,
-        range_constraints=ep.range_constraints, module_call_graph=ep.module_call_graph,
-        example_inputs=ep.example_inputs, constants=ep.constants, verifiers=ep.verifiers)
+    return with_graph(ep, gm)
