@@ -43,7 +43,7 @@ class KVSite:
     attention: the node whose output is the attention result [B, Hq, L, D] (SDPA, or the
         value matmul of eager attention); query/mask: its q and mask inputs (mask may be None);
     scale: the softmax scale; key_write/value_write: the in-place cache writes, whose args give
-        the new keys/values and positions; key_buffer/value_buffer: the buffers' names.
+        the cache buffers, the new keys/values and positions.
     """
 
     attention: fx.Node
@@ -52,8 +52,6 @@ class KVSite:
     scale: float
     key_write: fx.Node
     value_write: fx.Node
-    key_buffer: str
-    value_buffer: str
 
     @property
     def position(self) -> fx.Node:
@@ -186,8 +184,7 @@ def find_kv_sites(ep: ExportedProgram) -> list[KVSite]:
         else:
             continue
         q, mask, scale, kw, vw = match
-        sites.append(KVSite(node, q, mask, scale, kw, vw, buffers[kw.args[0].name],
-                            buffers[vw.args[0].name]))
+        sites.append(KVSite(node, q, mask, scale, kw, vw))
     _check_all_reads_covered(graph, writes, sites)
     return sites
 
