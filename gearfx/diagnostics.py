@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from gearfx.compress import gear, lowrank
+from gearfx.compress import gear
 from gearfx.compress.layout import kept_dtype
 from gearfx.recipes import Recipe, TensorSpec
 
@@ -32,10 +32,8 @@ def reconstruct(x: torch.Tensor, spec: TensorSpec, recipe: Recipe) -> torch.Tens
     chunk = 1 if recipe.h2o is not None else recipe.window
     b, h, t, d = x.shape
     n = t // chunk * chunk
-    rank = spec.resolve_rank(chunk)
-    start = lowrank.start_vectors(d, rank, recipe.seed) if rank else None
     chunks = x[:, :, :n].reshape(b, h, n // chunk, chunk, d)
-    c = gear.compress(chunks, spec, start, recipe.loops)
+    c = gear.compress(chunks, spec, recipe.loops, recipe.seed)
     y = gear.decompress(c, spec, x.dtype).reshape(b, h, n, d)
     return torch.cat([y, x[:, :, n:]], dim=2)
 

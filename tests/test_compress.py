@@ -67,10 +67,9 @@ def test_quantization_error_is_within_half_a_step(case):
 def test_low_rank_never_increases_the_error(case, rank, loops):
     x, spec = case
     rank = min(rank, *x.shape[-2:])
-    plain = gear.decompress(gear.compress(x, spec, None, loops), spec, torch.float32)
+    plain = gear.decompress(gear.compress(x, spec, loops, seed=0), spec, torch.float32)
     spec_lr = TensorSpec(spec.bits, spec.axis, spec.group, rank=rank)
-    start = lowrank.start_vectors(x.shape[-1], rank, seed=0)
-    corrected = gear.decompress(gear.compress(x, spec_lr, start, loops), spec_lr, torch.float32)
+    corrected = gear.decompress(gear.compress(x, spec_lr, loops, seed=0), spec_lr, torch.float32)
     # per chunk (batch, head): the low-rank step is a projection of that chunk's error
     err_plain = (plain - x).flatten(-2).norm(dim=-1)
     err_lr = (corrected - x).flatten(-2).norm(dim=-1)
@@ -82,7 +81,7 @@ def test_outliers_are_restored_exactly(case, ratio):
     x, spec = case
     spec = TensorSpec(spec.bits, spec.axis, spec.group, outliers=ratio)
     k = spec.num_outliers(*x.shape[-2:])
-    c = gear.compress(x, spec, None, 3)
+    c = gear.compress(x, spec, 3, seed=0)
     y = gear.decompress(c, spec, x.dtype)
     if k == 0:
         assert c.outlier_index is None
@@ -100,8 +99,8 @@ def test_gear_beats_plain_quantization_at_the_same_bits(bits, heavy):
     for axis in ("channel", "token"):
         plain = TensorSpec(bits, axis, 64 if axis == "token" else 32)
         full = TensorSpec(bits, axis, plain.group, rank=2, outliers=0.02)
-        e_plain = rel(gear.decompress(gear.compress(x, plain, None, 3), plain, torch.float32), x)
-        c = gear.compress(x, full, lowrank.start_vectors(64, 2, 0), 3)
+        e_plain = rel(gear.decompress(gear.compress(x, plain, 3, seed=0), plain, torch.float32), x)
+        c = gear.compress(x, full, 3, seed=0)
         e_full = rel(gear.decompress(c, full, torch.float32), x)
         assert e_full < e_plain, (axis, e_full, e_plain)
 
@@ -111,16 +110,16 @@ def test_heavy_tailed_keys_need_per_channel_quantization():
     x = data(0, (1, 3, 64, 64), heavy=True)
     per_channel = TensorSpec(4, "channel", 64)
     per_token = TensorSpec(4, "token", 64)
-    err = {s.axis: rel(gear.decompress(gear.compress(x, s, None, 3), s, torch.float32), x) for s in (per_channel, per_token)}
+    err = {s.axis: rel(gear.decompress(gear.compress(x, s, 3, seed=0), s, torch.float32), x) for s in (per_channel, per_token)}
     assert err["channel"] < err["token"] / 1.5
 
 
 def test_same_seed_same_result_other_seed_other_factors():
     x = data(1, (2, 3, 64, 64), heavy=True)
     spec = TensorSpec(2, "channel", 32, rank=2, outliers=0.02)
-    a = gear.compress(x, spec, lowrank.start_vectors(64, 2, seed=7), 3)
-    b = gear.compress(x, spec, lowrank.start_vectors(64, 2, seed=7), 3)
-    c = gear.compress(x, spec, lowrank.start_vectors(64, 2, seed=8), 1)
+    a = gear.compress(x, spec, 3, seed=7)
+    b = gear.compress(x, spec, 3, seed=7)
+    c = gear.compress(x, spec, 1, seed=8)
     for u, v in zip(a, b):
         assert torch.equal(u, v)
     assert not torch.equal(a.b, c.b)
@@ -139,16 +138,13 @@ def test_layout_matches_the_tensors_compress_produces(case, rank, ratio):
     x, spec = case
     t, d = x.shape[-2:]
     spec = TensorSpec(spec.bits, spec.axis, spec.group, rank=min(rank, t, d), outliers=ratio)
-    r = spec.resolve_rank(t)
-    c = gear.compress(x.half(), spec, lowrank.start_vectors(d, r, 0) if r else None, 2)
+    c = gear.compress(x.half(), spec, 2, seed=0)
     layout = chunk_layout(spec, t, d, torch.float16)
     produced = {k: v for k, v in c._asdict().items() if v is not None}
-    names = {"codes": "codes", "scale": "scale", "minimum": "minimum", "a": "a", "b": "b",
-             "outlier_values": "outlier_values", "outlier_index": "outlier_index"}
-    assert set(layout) == {names[k] for k in produced}
+    assert set(layout) == set(produced)
     lead = x.shape[:-2]
     for k, v in produced.items():
-        m = layout[names[k]]
+        m = layout[k]
         assert v.dtype == m.dtype and tuple(v.shape) == tuple(lead) + m.shape, k
     assert sum(m.nbytes for m in layout.values()) * math.prod(lead) == sum(
         v.numel() * v.element_size() for v in produced.values())

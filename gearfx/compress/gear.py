@@ -44,10 +44,10 @@ def outlier_score(x: torch.Tensor, axis: str, group: int) -> torch.Tensor:
     return centred.abs().reshape(x.shape)
 
 
-def compress(x: torch.Tensor, spec: TensorSpec, start: torch.Tensor | None, loops: int) -> Chunk:
+def compress(x: torch.Tensor, spec: TensorSpec, loops: int, seed: int) -> Chunk:
     """Compress x [..., T, D] (T = the recipe's window) as `spec` says.
 
-    start: [D, rank] power-iteration starting block (`lowrank.start_vectors`), or None if rank is 0.
+    loops, seed: power-iteration loops and the seed of its starting block (`lowrank.start_vectors`).
     """
     t, d = x.shape[-2:]
     k = spec.num_outliers(t, d)
@@ -58,12 +58,13 @@ def compress(x: torch.Tensor, spec: TensorSpec, start: torch.Tensor | None, loop
         exclude = sparse.mask(index, x.shape)
     codes, scale, minimum = quantize.quantize(x, spec.bits, spec.axis, spec.group, exclude)
     a = b = None
-    if spec.resolve_rank(t):
+    rank = spec.resolve_rank(t)
+    if rank:
         approx = quantize.dequantize(codes, scale, minimum, spec.bits, spec.axis, spec.group)
         error = x.float() - approx
         if exclude is not None:  # outliers come back exactly: nothing there for the factors to fit
             error = error.masked_fill(exclude, 0.0)
-        a, b = lowrank.power_iteration(error, start, loops)
+        a, b = lowrank.power_iteration(error, lowrank.start_vectors(d, rank, seed, x.device), loops)
         a, b = a.to(META_DTYPE), b.to(META_DTYPE)
     return Chunk(codes, scale, minimum, a, b, values, index)
 

@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from gearfx.compress import gear, h2o, lowrank, quantize
+from gearfx.compress import gear, h2o, quantize
 from gearfx.compress.gear import Chunk
 from gearfx.compress.layout import kept_dtype, slots
 from gearfx.recipes import Recipe, TensorSpec
@@ -34,18 +34,20 @@ def _compress(x: torch.Tensor, spec: TensorSpec, recipe: Recipe) -> dict[str, to
     chunk per leading index."""
     if not spec.quantized:
         return {"data": x}
-    rank = spec.resolve_rank(x.shape[-2])
-    start = lowrank.start_vectors(x.shape[-1], rank, recipe.seed, x.device) if rank else None
-    c = gear.compress(x, spec, start, recipe.loops)
+    c = gear.compress(x, spec, recipe.loops, recipe.seed)
     return {f: t for f, t in c._asdict().items() if t is not None}
 
 
+def _chunk(state: dict[str, torch.Tensor], part: str) -> Chunk:
+    """The compressed store of `part` ("key" or "value"): every slot's fields, [B, H, N, ...]."""
+    return Chunk(*(state.get(f"{part}.{f}") for f in FIELDS))
+
+
 def _decompress(state: dict[str, torch.Tensor], part: str, spec: TensorSpec, dtype) -> torch.Tensor:
-    """[B, H, N, T, D]: every slot of `part` ("key" or "value") reconstructed."""
+    """[B, H, N, T, D]: every slot of `part` reconstructed."""
     if not spec.quantized:
         return state[f"{part}.data"].to(dtype)
-    c = Chunk(*(state.get(f"{part}.{f}") for f in FIELDS))
-    return gear.decompress(c, spec, dtype)
+    return gear.decompress(_chunk(state, part), spec, dtype)
 
 
 class Corrections(NamedTuple):
@@ -98,7 +100,7 @@ def _stored(state, part: str, spec: TensorSpec) -> tuple[torch.Tensor, Correctio
     """The store of `part` as (dequantized codes [B, H, N, C, D] fp32, corrections or None)."""
     if not spec.quantized:
         return state[f"{part}.data"].float(), None
-    c = Chunk(*(state.get(f"{part}.{f}") for f in FIELDS))
+    c = _chunk(state, part)
     deq = quantize.dequantize(c.codes, c.scale, c.minimum, spec.bits, spec.axis, spec.group)
     if c.a is None and c.outlier_index is None:
         return deq, None
