@@ -10,6 +10,7 @@ from torch._dynamo.utils import counters
 import gearfx
 from gearfx.compress.layout import cache_bytes
 from gearfx.passes import UnsupportedGraphError
+from gearfx.recipes import parse_recipe
 from tests import tiny
 
 PROMPT_LEN, NEW = 9, 12
@@ -64,6 +65,18 @@ def test_compiled_generation_is_exact_and_never_recompiles():
     assert dict(counters["graph_break"]) == {}
     assert counters["stats"]["unique_graphs"] == 0, dict(counters["stats"])  # nothing new compiled
     assert torch.equal(out, eager.generate(ids, mask, max_new_tokens=80))
+
+
+def test_one_part_in_full_precision_compiles_and_matches_eager():
+    """Keys kept at 16 bits, values quantized: the chunk close passes the key window through as is,
+    which the compiled torch.cond must not alias (it once failed to compile)."""
+    recipe = parse_recipe({"name": "k16-v4", "window": 16, "key": {"bits": 16},
+                                  "value": {"bits": 4, "axis": "token", "group": 16}})
+    model = tiny.hf("llama")
+    ids, mask = padded_batch()
+    gm = gearfx.compile(model, recipe, max_cache_len=64, batch_size=2)
+    eager = gearfx.compile(model, recipe, max_cache_len=64, batch_size=2, backend_compile=False)
+    assert torch.equal(gm.generate(ids, mask, max_new_tokens=30), eager.generate(ids, mask, max_new_tokens=30))
 
 
 @pytest.mark.parametrize("recipe, tol", [("fp16", 0.0), ("gear-4bit", 0.1), ("kivi-4bit", 0.1), ("h2o", 0.0)])

@@ -248,7 +248,8 @@ def _attend_chunked(q, k, v, cache_position, attn_mask, scale, recipe, capacity,
                 if sinks:  # the closing chunk's positions that the sink buffer holds exactly
                     skip = (slot * c + torch.arange(c, device=w.device) < sinks)[:, None]
                 fields = compress_chunk(w, spec, recipe, skip)
-                return tuple(fields[f].to(t.dtype) for f, t in zip(names, current))
+                # copy: a bits=16 part's "data" is `w` itself, and cond branches must not alias inputs
+                return tuple(fields[f].to(t.dtype, copy=True) for f, t in zip(names, current))
 
             def wait(w, *cur):
                 return tuple(t.clone() for t in cur)
