@@ -23,6 +23,8 @@ from gearfx.bench import app as bench_app; app.add_typer(bench_app, name="bench"
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_RECIPE = "gear-4bit"
 MEMORY_CAPACITY = 4096
+# The faithful reproductions of published methods: the references gearfx's own recipes must beat.
+PAPER_RECIPES = ("kivi-4bit", "kivi-2bit", "gear-paper-4bit", "gear-paper-2bit", "h2o")
 DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2_raw_test.txt"
 
 Model = Annotated[str, typer.Option(help="A model alias (see `gearfx models list`) or a local HF folder.")]
@@ -180,6 +182,63 @@ def evaluate(
         print(f"Pareto plot: {draw(json_out, plot)}")
 
 
+@app.command("peers")
+def peers_eval(
+    peer: Annotated[list[str], typer.Option(help="Peers to score (repeat); hf-dynamic, the reference, "
+                                            "is always added.")] = ["hf-quanto-4bit"],
+    model: Model = DEFAULT_MODEL,
+    text: Annotated[Path, typer.Option(help="Any UTF-8 text file.")] = DEFAULT_TEXT,
+    tokens: Annotated[int, typer.Option(help="Tokens scored after the prefill.")] = 512,
+    prefill: Annotated[int, typer.Option(help="Tokens prefilled before scoring starts.")] = 512,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results here.")] = None,
+) -> None:
+    """`gearfx eval`'s protocol for the peers (HF QuantizedCache and friends, gearfx.peers), so their
+    results sit next to the recipes' (`gearfx plot ... --extra LABEL=FILE`)."""
+    from gearfx import evaluate as ev
+    from gearfx import peers as pr
+
+    unknown = [p for p in peer if p not in pr.PEERS]
+    if unknown:
+        _fail(f"unknown peers {', '.join(unknown)}; known: {', '.join(sorted(pr.PEERS))}")
+    lm, tokenizer = _load(model)
+    try:
+        ids = ev.read_tokens(tokenizer, text, prefill + tokens)
+    except (FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    results = pr.evaluate_peers(lm, ids, prefill, peer)
+    print(pr.table(results))
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps({
+            "model": model, "text": str(text), "tokens": tokens, "prefill": prefill,
+            "results": [dataclasses.asdict(r) for r in results]}, indent=2))
+
+
+@app.command("merge")
+def merge(
+    runs: Annotated[list[Path], typer.Argument(help="eval JSON files (gearfx eval --json) of one protocol.")],
+    json_out: Annotated[Path, typer.Option("--json", help="Write the merged results here.")],
+    plot: Annotated[Optional[Path], typer.Option(help="Also draw the Pareto plot here.")] = None,
+) -> None:
+    """Merge eval results over different recipes (e.g. halves run in parallel) into one table."""
+    from gearfx import evaluate as ev
+
+    missing = [str(p) for p in runs if not p.is_file()]
+    if missing:
+        _fail(f"results file(s) {', '.join(missing)} do not exist")
+    try:
+        merged = ev.merge([json.loads(p.read_text()) for p in runs])
+    except (KeyError, ValueError) as e:
+        _fail(f"cannot merge: {e}")
+    json_out.parent.mkdir(parents=True, exist_ok=True)
+    json_out.write_text(json.dumps(merged, indent=2))
+    print(ev.table([ev.Result(**r) for r in merged["results"]]))
+    if plot is not None:
+        from gearfx.pareto import plot as draw
+
+        print(f"Pareto plot: {draw(json_out, plot)}")
+
+
 @app.command("plot")
 def plot(
     results: Annotated[Path, typer.Argument(help="An eval JSON file (gearfx eval --json).")],
@@ -203,6 +262,19 @@ def plot(
         print(draw(results, out, pairs))
     except ValueError as e:
         _fail(str(e))
+    from gearfx.pareto import REFERENCES, load_points, rivals
+
+    mine = [p for p in load_points(results) if p["recipe"] not in REFERENCES]
+    others = [p for p in mine if p["recipe"] in PAPER_RECIPES]
+    for _, path in pairs:
+        others += [p for p in load_points(path) if p["recipe"] not in REFERENCES and p.get("error") is None]
+    ours = [p for p in mine if p["recipe"] not in PAPER_RECIPES]
+    print("\n| reference point | bytes | ppl delta | best gearfx recipe at <= bytes | bytes | ppl delta | lower ppl |")
+    print("|---|---|---|---|---|---|---|")
+    for o, best in rivals(ours, others):
+        mine_cells = (f"{best['recipe']} | {best['kv_bytes_ratio']:.3f} | {best['ppl_delta_pct']:+.2f}% | "
+                      f"{'yes' if best['ppl_delta_pct'] < o['ppl_delta_pct'] else 'NO'}") if best else "none | | | NO"
+        print(f"| {o['recipe']} | {o['kv_bytes_ratio']:.3f} | {o['ppl_delta_pct']:+.2f}% | {mine_cells} |")
 
 
 def _numbers(text: str, kind, name: str) -> list:

@@ -95,6 +95,34 @@ def table(results: list[Result]) -> str:
     return "\n".join(rows)
 
 
+def merge(runs: list[dict]) -> dict:
+    """One eval JSON document from several (`gearfx eval --json` outputs over different recipes, e.g.
+    run in parallel): they must share model, text, tokens and prefill and agree on the fp16
+    reference (the same tokens give the same ppl); the first run's fp16 row is kept, and a recipe
+    in two runs is an error."""
+    if not runs:
+        raise ValueError("nothing to merge")
+    keys = ("model", "text", "tokens", "prefill")
+    out = {k: runs[0][k] for k in keys} | {"results": []}
+    seen: dict[str, float] = {}
+    for i, run in enumerate(runs):
+        differ = [k for k in keys if run[k] != out[k]]
+        if differ:
+            raise ValueError(f"run {i} differs from run 0 in {', '.join(differ)}: not the same protocol")
+        for r in run["results"]:
+            name = r["recipe"]
+            if name == REFERENCE and name in seen:
+                if not math.isclose(r["ppl"], seen[name], rel_tol=1e-4):
+                    raise ValueError(f"run {i}'s fp16 ppl {r['ppl']} differs from {seen[name]}: not the "
+                                     "same tokens or model")
+                continue
+            if name in seen:
+                raise ValueError(f"recipe {name!r} is in more than one run")
+            seen[name] = r["ppl"]
+            out["results"].append(r)
+    return out
+
+
 def compile_all(factory: Callable[[str], CompiledModel], recipes: list[str]) -> dict[str, CompiledModel]:
     """Compiled models for `recipes`, with the fp16 reference first."""
     names = [REFERENCE] + [r for r in recipes if r != REFERENCE]

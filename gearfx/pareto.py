@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Iterable
 
 REFERENCE = "fp16"
+REFERENCES = (REFERENCE, "hf-dynamic")  # the uncompressed baselines: gearfx's and the peers'
 
 
 def load_points(path: str | Path) -> list[dict]:
@@ -37,6 +38,17 @@ def front(points: list[dict]) -> list[dict]:
     return best
 
 
+def rivals(ours: list[dict], others: list[dict]) -> list[tuple[dict, dict | None]]:
+    """For each other point (a faithful paper recipe or a peer), the best of `ours` at no more bytes:
+    the one with the lowest perplexity; None if none of ours is that small. The Pareto claim holds
+    when each such best has a lower ppl delta than the point it is paired with."""
+    out = []
+    for o in others:
+        fit = [p for p in ours if p["kv_bytes_ratio"] <= o["kv_bytes_ratio"]]
+        out.append((o, min(fit, key=lambda p: p["ppl_delta_pct"]) if fit else None))
+    return out
+
+
 def plot(results: str | Path, out: str | Path, extra: Iterable[tuple[str, str | Path]] = (),
          title: str | None = None) -> Path:
     """Draw ppl delta (%, symlog) vs KV bytes ratio for the recipes in `results`, with the gearfx
@@ -57,7 +69,7 @@ def plot(results: str | Path, out: str | Path, extra: Iterable[tuple[str, str | 
     ax.plot([p["kv_bytes_ratio"] for p in best], [p["ppl_delta_pct"] for p in best], color="tab:blue",
             alpha=0.4, drawstyle="steps-post", label="gearfx Pareto front")
     for (label, path), marker in zip(extra, "s^vDP*X"):
-        pts = [p for p in load_points(path) if p["recipe"] != REFERENCE]
+        pts = [p for p in load_points(path) if p["recipe"] not in REFERENCES and p.get("error") is None]
         ax.scatter([p["kv_bytes_ratio"] for p in pts], [p["ppl_delta_pct"] for p in pts], marker=marker,
                    zorder=3, label=label)
         for p in pts:

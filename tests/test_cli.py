@@ -45,6 +45,20 @@ def test_eval_writes_the_documented_json_and_plot(tmp_path):
     out = runner.invoke(app, ["plot", str(out_json), "--out", str(tmp_path / "p2.png"),
                               "--extra", f"peers={out_json}"])
     assert out.exit_code == 0 and (tmp_path / "p2.png").is_file(), out.output
+    assert "| kivi-4bit | " in out.stdout and "none | | | NO" in out.stdout  # no gearfx recipe to beat it
+
+    # a second run over another recipe merges into one table; the same recipe twice does not
+    other = tmp_path / "q2.json"
+    out = runner.invoke(app, ["eval", "--recipe", "lossless", "--tokens", "8", "--prefill", "24",
+                              "--json", str(other), "--no-compile"])
+    assert out.exit_code == 0, out.output
+    out = runner.invoke(app, ["merge", str(out_json), str(other), "--json", str(tmp_path / "m.json")])
+    assert out.exit_code == 0, out.output
+    merged = json.loads((tmp_path / "m.json").read_text())
+    assert [r["recipe"] for r in merged["results"]] == ["fp16", "kivi-4bit", "lossless"]
+    assert "| lossless |" in out.stdout
+    out = runner.invoke(app, ["merge", str(out_json), str(out_json), "--json", str(tmp_path / "x.json")])
+    assert out.exit_code == 2 and "'kivi-4bit' is in more than one run" in out.output
 
 
 def test_eval_rejects_short_text_and_unknown_recipe(tmp_path):

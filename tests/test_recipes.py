@@ -76,6 +76,8 @@ def test_h2o_budget_in_tokens_and_fractions():
     ({"h2o": {"heavy": 1, "recent": 1}, "key": {"bits": 4, "axis": "token", "rank": 1}}, "key.rank", "0 with h2o"),
     ({"layers": {0: {"key": {"bits": 1}}}}, "layers.0.key.bits", "2, 3, 4"),
     ({"layers": {0: {"name": "x"}}}, "layers.0.name", "allowed fields"),
+    ({"layers": {"5-2": {"loops": 2}}}, "layers", "inclusive ranges like '15-29'"),
+    ({"layers": {"0-3": {"loops": 2}, 2: {"loops": 3}}}, "layers", "each layer overridden once"),
 ])
 def test_bad_recipes_name_field_value_and_rule(data, field, allowed):
     with pytest.raises(RecipeError) as e:
@@ -108,3 +110,10 @@ def test_check_model_shapes():
     r = parse_recipe({"name": "r", "layers": {5: {"loops": 2}}})
     with pytest.raises(RecipeError, match="layers.5 .* allowed: 0..1"):
         r.check_model(head_dim=64, num_layers=2)
+
+
+def test_layer_ranges_override_each_layer_in_them():
+    r = parse_recipe({"name": "r", "key": {"bits": 5}, "layers": {"1-2": {"key": {"bits": 6}}, 4: {"loops": 2}}})
+    assert [i for i, _ in r.layers] == [1, 2, 4]
+    assert [r.for_layer(i).key.bits for i in range(5)] == [5, 6, 6, 5, 5]
+    assert r.for_layer(4).loops == 2 and r.for_layer(4).key.bits == 5

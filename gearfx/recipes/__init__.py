@@ -108,7 +108,8 @@ class Recipe:
     sinks: the first `sinks` positions of the sequence are also kept exactly, in full precision,
         and attended from there (attention sinks); they are left out of their chunk's ranges,
         outliers and low-rank fit. Not with h2o, which has its own sinks.
-    layers: per-layer overrides, as (layer index, complete Recipe for that layer) pairs.
+    layers: per-layer overrides, as (layer index, complete Recipe for that layer) pairs (YAML keys:
+        an index, or an inclusive range "15-29").
     """
 
     name: str
@@ -285,13 +286,25 @@ def parse_recipe(data: Any, name: str | None = None) -> Recipe:
     overrides = data.get("layers", {}) or {}
     if not isinstance(overrides, Mapping):
         raise _fail(name, "layers", overrides, "a mapping from layer index to overrides")
-    layers = []
-    for index, override in overrides.items():
-        if not _is_int(index) or index < 0:
-            raise _fail(name, "layers", index, "layer indices as integers >= 0")
-        _check_keys(name, f"layers.{index}", override, _LAYER_FIELDS)
-        layers.append((index, _body(name, override, recipe, f"layers.{index}")))
-    return dataclasses.replace(recipe, layers=tuple(sorted(layers, key=lambda x: x[0])))
+    layers = {}
+    for key, override in overrides.items():
+        _check_keys(name, f"layers.{key}", override, _LAYER_FIELDS)
+        body = _body(name, override, recipe, f"layers.{key}")
+        for index in _layer_range(name, key):
+            if index in layers:
+                raise _fail(name, "layers", key, "each layer overridden once")
+            layers[index] = body
+    return dataclasses.replace(recipe, layers=tuple(sorted(layers.items())))
+
+
+def _layer_range(recipe: str, key: Any) -> range:
+    """The layers a `layers` key names: an index (3) or an inclusive range ("15-29")."""
+    if _is_int(key) and key >= 0:
+        return range(key, key + 1)
+    first, sep, last = str(key).partition("-")
+    if sep and first.isdigit() and last.isdigit() and int(first) <= int(last):
+        return range(int(first), int(last) + 1)
+    raise _fail(recipe, "layers", key, "layer indices as integers >= 0, or inclusive ranges like '15-29'")
 
 
 def list_recipes() -> list[str]:
