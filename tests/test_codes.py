@@ -8,7 +8,7 @@ from gearfx.ops import codes
 from gearfx.recipes import TensorSpec
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
 @pytest.mark.parametrize("axis, group", [("channel", 16), ("channel", 64), ("token", 8), ("token", 64)])
 def test_codes_terms_equal_dequantized(bits, axis, group):
     g = torch.Generator().manual_seed(bits)

@@ -27,7 +27,7 @@ from torchao.quantization.quant_primitives import (
 META_DTYPE = torch.float16  # scales, minimums, factors and outlier values are stored in fp16
 
 # torchao packs b-bit codes as shards of 4, 2 and 1 bits (e.g. 3 = 2 + 1, 7 = 4 + 2 + 1)
-_SHARD_BITS = {1: (1,), 2: (2,), 3: (2, 1), 4: (4,), 5: (4, 1), 6: (4, 2), 7: (4, 2, 1)}
+SHARD_BITS = {1: (1,), 2: (2,), 3: (2, 1), 4: (4,), 5: (4, 1), 6: (4, 2), 7: (4, 2, 1)}
 
 
 _TARGET = {b: getattr(torch, f"uint{b}") for b in range(1, 9)}  # torchao's quantization targets
@@ -39,7 +39,7 @@ def _target_dtype(bits: int) -> torch.dtype:
 
 def packed_size(n: int, bits: int) -> int:
     """Bytes that `n` codes of `bits` bits take once packed."""
-    if n * bits % 8 or (bits < 8 and any(n * s % 8 for s in _SHARD_BITS[bits])):
+    if n * bits % 8 or (bits < 8 and any(n * s % 8 for s in SHARD_BITS[bits])):
         raise ValueError(f"{n} codes of {bits} bits do not pack into whole bytes")
     return n * bits // 8
 
@@ -57,7 +57,7 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 8:
         return packed
     n = packed.shape[-1] * 8 // bits
-    shards = torch.split(packed, [n * s // 8 for s in _SHARD_BITS[bits]], dim=-1)
+    shards = torch.split(packed, [n * s // 8 for s in SHARD_BITS[bits]], dim=-1)
     return _unpack_shards(list(shards), bits, dim=-1)
 
 
@@ -73,7 +73,7 @@ def unpack_at(packed: torch.Tensor, bits: int, row: torch.Tensor, col: torch.Ten
     d = width * 8 // bits
     code = packed.new_zeros(col.shape)
     offset = low = 0
-    for shard in _SHARD_BITS[bits]:
+    for shard in SHARD_BITS[bits]:
         n = d * shard // 8
         byte = packed.flatten(-2).gather(-1, row * width + offset + col % n)
         code = code + ((byte >> (shard * (col // n)).to(torch.uint8)) & (2**shard - 1)) * 2**low

@@ -26,14 +26,26 @@ def _parts(codes: torch.Tensor, bits: int, d: int) -> list[tuple[int, torch.Tens
     """(first channel, codes [B, H, T, N] fp32) of each run of N channels a byte packs together.
 
     torchao packs a 2/4-bit code of channel j*N + i into bits j*bits.. of byte i (N = D*bits/8),
-    so part j is one shift and mask of the whole byte row; 8 bits is one part; the widths packed
-    as several shards (3, 5, 6, 7) are unpacked first."""
-    if bits in (2, 4):
-        n = d * bits // 8
-        return [(j * n, ((codes >> (bits * j)) & (2**bits - 1)).float()) for j in range(8 // bits)]
+    so part j is one shift and mask of the whole byte row; 8 bits is one part. The widths packed
+    as several shards (3 = 2 + 1, 5 = 4 + 1, ...) hold each code's bits from the lowest up, one
+    shard after the other along the row; a run as long as the narrowest shard's byte count is a
+    slice of every shard at one shift, so each part stays shifts and masks of byte slices (which
+    Inductor fuses into the reduction, instead of unpacking the whole store first)."""
     if bits == 8:
         return [(0, codes.float())]
-    return [(0, quantize.unpack(codes, bits).float())]
+    shards = quantize.SHARD_BITS[bits]
+    run = d * min(shards) // 8
+    parts = []
+    for first in range(0, d, run):
+        code, offset, low = None, 0, 0
+        for width in shards:
+            n = d * width // 8
+            start = offset + first % n
+            piece = ((codes[..., start:start + run] >> (width * (first // n))) & (2**width - 1)) << low
+            code = piece if code is None else code | piece
+            offset, low = offset + n, low + width
+        parts.append((first, code.float()))
+    return parts
 
 
 def scores(q: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor,
