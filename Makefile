@@ -18,7 +18,7 @@ test: $(STAMP)
 # The README's results: every shipped recipe, 4096 WikiText-2 tokens scored after a 512-token
 # prefill, through the cache, next to HF QuantizedCache on the same tokens; then the passkey table.
 # Two single-threaded jobs in parallel (2 cores; Inductor's CPU kernels slow down badly with
-# competing threads), merged into one table: about 1.5 hours on a 2-core CPU.
+# competing threads), merged into one table: about 2 hours on a 2-core CPU, plus the peers.
 QUALITY := --model smollm2-135m --tokens 4096 --prefill 512 --text ../shared/data/wikitext2_raw_test.txt
 PART1 := kivi-4bit kivi-2bit gear-paper-4bit gear-paper-2bit gear-4bit gear-2bit h2o gear-4bit-h2o
 PART2 := lossless compact
