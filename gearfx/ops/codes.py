@@ -41,8 +41,8 @@ def _parts(codes: torch.Tensor, bits: int, d: int) -> list[tuple[int, torch.Tens
         for width in shards:
             n = d * width // 8
             start = offset + first % n
-            piece = ((codes[..., start:start + run] >> (width * (first // n))) & (2**width - 1)) << low
-            code = piece if code is None else code | piece
+            piece = (codes[..., start:start + run] >> (width * (first // n))) & (2**width - 1)
+            code = piece if code is None else code | (piece << low)
             offset, low = offset + n, low + width
         parts.append((first, code.float()))
     return parts
