@@ -14,6 +14,8 @@ Codes are packed along D with torchao's uintx bit packing: [..., T, D * bits / 8
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torchao.prototype.dtypes.uintx.bitpacking import pack as _pack_shards
 from torchao.prototype.dtypes.uintx.bitpacking import unpack as _unpack_shards
@@ -27,7 +29,7 @@ from torchao.quantization.quant_primitives import (
 META_DTYPE = torch.float16  # scales, minimums, factors and outlier values are stored in fp16
 
 # torchao packs b-bit codes as shards of 4, 2 and 1 bits (e.g. 3 = 2 + 1, 7 = 4 + 2 + 1)
-SHARD_BITS = {1: (1,), 2: (2,), 3: (2, 1), 4: (4,), 5: (4, 1), 6: (4, 2), 7: (4, 2, 1)}
+_SHARD_BITS = {1: (1,), 2: (2,), 3: (2, 1), 4: (4,), 5: (4, 1), 6: (4, 2), 7: (4, 2, 1)}
 
 
 _TARGET = {b: getattr(torch, f"uint{b}") for b in range(1, 9)}  # torchao's quantization targets
@@ -39,9 +41,30 @@ def _target_dtype(bits: int) -> torch.dtype:
 
 def packed_size(n: int, bits: int) -> int:
     """Bytes that `n` codes of `bits` bits take once packed."""
-    if n * bits % 8 or (bits < 8 and any(n * s % 8 for s in SHARD_BITS[bits])):
+    if n * bits % 8 or (bits < 8 and any(n * s % 8 for s in _SHARD_BITS[bits])):
         raise ValueError(f"{n} codes of {bits} bits do not pack into whole bytes")
     return n * bits // 8
+
+
+class Shard(NamedTuple):
+    """One shard of a packed row of D codes: `width` bits of each code, the bits from `low` up,
+    in `n` = D * width / 8 bytes starting at byte `offset` of the row. Code d sits in bits
+    width * (d // n) of byte offset + d % n."""
+
+    width: int
+    offset: int
+    n: int
+    low: int
+
+
+def shards(d: int, bits: int) -> list[Shard]:
+    """torchao's uintx layout of a row of `d` codes of `bits` (< 8) bits, shard by shard."""
+    out, offset, low = [], 0, 0
+    for width in _SHARD_BITS[bits]:
+        n = d * width // 8
+        out.append(Shard(width, offset, n, low))
+        offset, low = offset + n, low + width
+    return out
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -56,28 +79,21 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """[..., D * bits / 8] uint8 -> [..., D] uint8 codes."""
     if bits == 8:
         return packed
-    n = packed.shape[-1] * 8 // bits
-    shards = torch.split(packed, [n * s // 8 for s in SHARD_BITS[bits]], dim=-1)
-    return _unpack_shards(list(shards), bits, dim=-1)
+    parts = torch.split(packed, [s.n for s in shards(packed.shape[-1] * 8 // bits, bits)], dim=-1)
+    return _unpack_shards(list(parts), bits, dim=-1)
 
 
 def unpack_at(packed: torch.Tensor, bits: int, row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
     """Codes at (row, col) of packed rows [..., R, D * bits / 8], reading only their bytes.
 
-    row, col: int64 [..., k] (leading dims as packed's). Returns uint8 [..., k]. In torchao's layout
-    an s-bit shard of D codes takes D*s/8 bytes, code d sitting in bits s*(d // (D*s/8)) of byte
-    d % (D*s/8); a code's shards hold its bits from the lowest up."""
+    row, col: int64 [..., k] (leading dims as packed's). Returns uint8 [..., k] (layout: `shards`)."""
     width = packed.shape[-1]
     if bits == 8:
         return packed.flatten(-2).gather(-1, row * width + col)
-    d = width * 8 // bits
     code = packed.new_zeros(col.shape)
-    offset = low = 0
-    for shard in SHARD_BITS[bits]:
-        n = d * shard // 8
-        byte = packed.flatten(-2).gather(-1, row * width + offset + col % n)
-        code = code + ((byte >> (shard * (col // n)).to(torch.uint8)) & (2**shard - 1)) * 2**low
-        offset, low = offset + n, low + shard
+    for s in shards(width * 8 // bits, bits):
+        byte = packed.flatten(-2).gather(-1, row * width + s.offset + col % s.n)
+        code = code + ((byte >> (s.width * (col // s.n)).to(torch.uint8)) & (2**s.width - 1)) * 2**s.low
     return code
 
 

@@ -33,17 +33,15 @@ def _parts(codes: torch.Tensor, bits: int, d: int) -> list[tuple[int, torch.Tens
     Inductor fuses into the reduction, instead of unpacking the whole store first)."""
     if bits == 8:
         return [(0, codes.float())]
-    shards = quantize.SHARD_BITS[bits]
-    run = d * min(shards) // 8
+    layout = quantize.shards(d, bits)
+    run = min(s.n for s in layout)
     parts = []
     for first in range(0, d, run):
-        code, offset, low = None, 0, 0
-        for width in shards:
-            n = d * width // 8
-            start = offset + first % n
-            piece = (codes[..., start:start + run] >> (width * (first // n))) & (2**width - 1)
-            code = piece if code is None else code | (piece << low)
-            offset, low = offset + n, low + width
+        code = None
+        for s in layout:
+            start = s.offset + first % s.n
+            piece = (codes[..., start:start + run] >> (s.width * (first // s.n))) & (2**s.width - 1)
+            code = piece if code is None else code | (piece << s.low)
         parts.append((first, code.float()))
     return parts
 
