@@ -23,8 +23,6 @@ from gearfx.bench import app as bench_app; app.add_typer(bench_app, name="bench"
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_RECIPE = "gear-4bit"
 MEMORY_CAPACITY = 4096
-# The faithful reproductions of published methods: the references gearfx's own recipes must beat.
-PAPER_RECIPES = ("kivi-4bit", "kivi-2bit", "gear-paper-4bit", "gear-paper-2bit", "h2o")
 DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2_raw_test.txt"
 
 Model = Annotated[str, typer.Option(help="A model alias (see `gearfx models list`) or a local HF folder.")]
@@ -40,6 +38,11 @@ def _dtype(name: str) -> torch.dtype:
 def _fail(message: str) -> None:
     typer.secho(f"error: {message}", fg="red", err=True)
     raise typer.Exit(2)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2))
 
 
 def _load(model: str, dtype: str = "float32"):
@@ -170,10 +173,8 @@ def evaluate(
             for i, (k, v) in enumerate(errors):
                 print(f"  layer {i:2d}  K {k:.4f}  V {v:.4f}")
     if json_out is not None:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps({
-            "model": model, "text": str(text), "tokens": tokens, "prefill": prefill,
-            "results": [dataclasses.asdict(r) for r in results]}, indent=2))
+        _write_json(json_out, {"model": model, "text": str(text), "tokens": tokens, "prefill": prefill,
+                               "results": [dataclasses.asdict(r) for r in results]})
     if plot is not None:
         if json_out is None:
             _fail("--plot draws from the results file: pass --json too")
@@ -208,17 +209,14 @@ def peers_eval(
     results = pr.evaluate_peers(lm, ids, prefill, peer)
     print(pr.table(results))
     if json_out is not None:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps({
-            "model": model, "text": str(text), "tokens": tokens, "prefill": prefill,
-            "results": [dataclasses.asdict(r) for r in results]}, indent=2))
+        _write_json(json_out, {"model": model, "text": str(text), "tokens": tokens, "prefill": prefill,
+                               "results": [dataclasses.asdict(r) for r in results]})
 
 
 @app.command("merge")
 def merge(
     runs: Annotated[list[Path], typer.Argument(help="eval JSON files (gearfx eval --json) of one protocol.")],
     json_out: Annotated[Path, typer.Option("--json", help="Write the merged results here.")],
-    plot: Annotated[Optional[Path], typer.Option(help="Also draw the Pareto plot here.")] = None,
 ) -> None:
     """Merge eval results over different recipes (e.g. halves run in parallel) into one table."""
     from gearfx import evaluate as ev
@@ -230,13 +228,8 @@ def merge(
         merged = ev.merge([json.loads(p.read_text()) for p in runs])
     except (KeyError, ValueError) as e:
         _fail(f"cannot merge: {e}")
-    json_out.parent.mkdir(parents=True, exist_ok=True)
-    json_out.write_text(json.dumps(merged, indent=2))
+    _write_json(json_out, merged)
     print(ev.table([ev.Result(**r) for r in merged["results"]]))
-    if plot is not None:
-        from gearfx.pareto import plot as draw
-
-        print(f"Pareto plot: {draw(json_out, plot)}")
 
 
 @app.command("plot")
@@ -262,19 +255,9 @@ def plot(
         print(draw(results, out, pairs))
     except ValueError as e:
         _fail(str(e))
-    from gearfx.pareto import REFERENCES, load_points, rivals
+    from gearfx.pareto import rivals_table
 
-    mine = [p for p in load_points(results) if p["recipe"] not in REFERENCES]
-    others = [p for p in mine if p["recipe"] in PAPER_RECIPES]
-    for _, path in pairs:
-        others += [p for p in load_points(path) if p["recipe"] not in REFERENCES and p.get("error") is None]
-    ours = [p for p in mine if p["recipe"] not in PAPER_RECIPES]
-    print("\n| reference point | bytes | ppl delta | best gearfx recipe at <= bytes | bytes | ppl delta | lower ppl |")
-    print("|---|---|---|---|---|---|---|")
-    for o, best in rivals(ours, others):
-        mine_cells = (f"{best['recipe']} | {best['kv_bytes_ratio']:.3f} | {best['ppl_delta_pct']:+.2f}% | "
-                      f"{'yes' if best['ppl_delta_pct'] < o['ppl_delta_pct'] else 'NO'}") if best else "none | | | NO"
-        print(f"| {o['recipe']} | {o['kv_bytes_ratio']:.3f} | {o['ppl_delta_pct']:+.2f}% | {mine_cells} |")
+    print("\n" + rivals_table(results, [p for _, p in pairs]))
 
 
 def _numbers(text: str, kind, name: str) -> list:
@@ -323,10 +306,8 @@ def passkey(
                         tokenizer, names, length_list, depth_list, trials=trials, seed=seed)
     print(pk.table(trials_out))
     if json_out is not None:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps({
-            "model": model, "lengths": length_list, "depths": depth_list, "trials": trials,
-            "results": [dataclasses.asdict(t) for t in trials_out]}, indent=2))
+        _write_json(json_out, {"model": model, "lengths": length_list, "depths": depth_list, "trials": trials,
+                               "results": [dataclasses.asdict(t) for t in trials_out]})
 
 
 @app.command("demo")

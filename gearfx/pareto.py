@@ -14,6 +14,8 @@ from typing import Iterable
 
 REFERENCE = "fp16"
 REFERENCES = (REFERENCE, "hf-dynamic")  # the uncompressed baselines: gearfx's and the peers'
+# The faithful reproductions of published methods: the references gearfx's own recipes must beat.
+PAPER_RECIPES = ("kivi-4bit", "kivi-2bit", "gear-paper-4bit", "gear-paper-2bit", "h2o")
 
 
 def load_points(path: str | Path) -> list[dict]:
@@ -27,6 +29,11 @@ def load_points(path: str | Path) -> list[dict]:
         if missing:
             raise ValueError(f"{str(path)!r}: result {r.get('recipe')!r} lacks {', '.join(sorted(missing))}")
     return results
+
+
+def points(path: str | Path) -> list[dict]:
+    """The compressed points of one results file: no uncompressed baseline, no peer that failed."""
+    return [p for p in load_points(path) if p["recipe"] not in REFERENCES and p.get("error") is None]
 
 
 def front(points: list[dict]) -> list[dict]:
@@ -49,6 +56,21 @@ def rivals(ours: list[dict], others: list[dict]) -> list[tuple[dict, dict | None
     return out
 
 
+def rivals_table(results: str | Path, extra: Iterable[str | Path] = ()) -> str:
+    """Markdown: each paper recipe in `results` and each point in the `extra` files (peers) next
+    to `rivals`' best gearfx recipe at no more bytes, and whether that one has the lower ppl."""
+    mine = points(results)
+    ours = [p for p in mine if p["recipe"] not in PAPER_RECIPES]
+    others = [p for p in mine if p["recipe"] in PAPER_RECIPES] + [p for path in extra for p in points(path)]
+    rows = ["| reference point | bytes | ppl delta | best gearfx recipe at <= bytes | bytes | ppl delta | lower ppl |",
+            "|---|---|---|---|---|---|---|"]
+    for o, best in rivals(ours, others):
+        cells = (f"{best['recipe']} | {best['kv_bytes_ratio']:.3f} | {best['ppl_delta_pct']:+.2f}% | "
+                 f"{'yes' if best['ppl_delta_pct'] < o['ppl_delta_pct'] else 'NO'}") if best else "none | | | NO"
+        rows.append(f"| {o['recipe']} | {o['kv_bytes_ratio']:.3f} | {o['ppl_delta_pct']:+.2f}% | {cells} |")
+    return "\n".join(rows)
+
+
 def plot(results: str | Path, out: str | Path, extra: Iterable[tuple[str, str | Path]] = (),
          title: str | None = None) -> Path:
     """Draw ppl delta (%, symlog) vs KV bytes ratio for the recipes in `results`, with the gearfx
@@ -58,7 +80,7 @@ def plot(results: str | Path, out: str | Path, extra: Iterable[tuple[str, str | 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ours = [p for p in load_points(results) if p["recipe"] != REFERENCE]
+    ours = points(results)
     fig, ax = plt.subplots(figsize=(8, 5.5))
     ax.scatter([p["kv_bytes_ratio"] for p in ours], [p["ppl_delta_pct"] for p in ours],
                color="tab:blue", zorder=3, label="gearfx recipes")
@@ -69,7 +91,7 @@ def plot(results: str | Path, out: str | Path, extra: Iterable[tuple[str, str | 
     ax.plot([p["kv_bytes_ratio"] for p in best], [p["ppl_delta_pct"] for p in best], color="tab:blue",
             alpha=0.4, drawstyle="steps-post", label="gearfx Pareto front")
     for (label, path), marker in zip(extra, "s^vDP*X"):
-        pts = [p for p in load_points(path) if p["recipe"] not in REFERENCES and p.get("error") is None]
+        pts = points(path)
         ax.scatter([p["kv_bytes_ratio"] for p in pts], [p["ppl_delta_pct"] for p in pts], marker=marker,
                    zorder=3, label=label)
         for p in pts:
