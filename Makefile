@@ -27,7 +27,7 @@ test: $(STAMP) $(EXPORT_STAMP)
 # competing threads), merged into one table: about 2 hours on a 2-core CPU, plus the peers.
 QUALITY := --model smollm2-135m --tokens 4096 --prefill 512 --text ../shared/data/wikitext2_raw_test.txt
 PART1 := kivi-4bit kivi-2bit gear-paper-4bit gear-paper-2bit gear-4bit gear-2bit h2o gear-4bit-h2o
-PART2 := lossless compact
+PART2 := lossless balanced compact
 PEERS := hf-quanto-4bit hf-quanto-2bit hf-hqq-4bit hf-hqq-2bit
 quality: $(STAMP)
 	mkdir -p results/quality

@@ -155,10 +155,11 @@ def test_cache_bytes_of_shipped_recipes_on_smollm2_shape():
     shape = dict(num_layers=30, batch=1, heads=3, head_dim=64, capacity=4096)
     ref = fp16_bytes(**shape)
     ratio = {n: sum(cache_bytes(load_recipe(n), dtype=torch.float16, **shape).values()) / ref
-             for n in ("fp16", "kivi-4bit", "kivi-2bit", "gear-4bit", "gear-2bit", "lossless", "compact", "h2o",
+             for n in ("fp16", "kivi-4bit", "kivi-2bit", "gear-4bit", "gear-2bit", "lossless", "balanced", "compact", "h2o",
                        "gear-4bit-h2o")}
     assert ratio["fp16"] == 1.0
     assert ratio["lossless"] <= 0.33 and ratio["compact"] <= 0.22  # issue 4's budgets
+    assert ratio["compact"] < ratio["balanced"] <= 0.30 < ratio["lossless"]  # under HF 4-bit caches' 0.301
     assert ratio["gear-4bit"] <= 0.33 and ratio["gear-2bit"] <= 0.26
     assert ratio["kivi-2bit"] < ratio["kivi-4bit"] < 0.35
     assert ratio["h2o"] == pytest.approx(0.5 * (1 + 8 / 256))  # half the slots, each + 8 B of score/position

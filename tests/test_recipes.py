@@ -6,7 +6,7 @@ import yaml
 from gearfx.recipes import H2O, Recipe, RecipeError, TensorSpec, list_recipes, load_recipe, parse_recipe
 
 SHIPPED = {"fp16", "kivi-4bit", "kivi-2bit", "gear-paper-4bit", "gear-paper-2bit", "h2o", "gear-4bit", "gear-2bit",
-           "gear-4bit-h2o", "lossless", "compact"}
+           "gear-4bit-h2o", "lossless", "balanced", "compact"}
 
 
 def test_shipped_recipes_load_and_are_immutable():

@@ -34,7 +34,7 @@ def scored(smollm2):
     model, tok = smollm2
     ids = ev.read_tokens(tok, TEXT, 256)
     compiled = ev.compile_all(lambda r: gearfx.compile(model, r, max_cache_len=256, batch_size=1, backend_compile=False),
-                              ["kivi-4bit", "gear-4bit", "gear-2bit", "lossless", "compact"])
+                              ["kivi-4bit", "gear-4bit", "gear-2bit", "lossless", "balanced", "compact"])
     return ids, {r.recipe: r for r in ev.evaluate(compiled, ids, prefill=160, progress=False)}
 
 
@@ -53,17 +53,19 @@ def test_compressed_recipes_stay_within_bounds(scored):
     for name in ("kivi-4bit", "gear-4bit"):
         assert abs(r[name].ppl_delta_pct) < 5.0 and r[name].kl < 0.05 and r[name].top1_agreement > 0.85, r[name]
     assert r["gear-2bit"].kl < 0.5 and r["gear-2bit"].kl > r["gear-4bit"].kl
-    # measured on this slice: lossless KL 0.0030 (+1.68%), gear-4bit 0.0011, kivi-4bit 0.0037,
-    # compact 0.0449 (+1.47%). lossless is tuned on the 4096-token protocol (KL 0.0018 there); on
-    # this 256-token slice its 4-bit keys / 3-bit values in layers 0-14 cost more than the uniform
-    # 5/4 bits it had before (KL 0.0005 here, 0.0022 on 256 tokens after a 512-token prefill).
-    assert abs(r["lossless"].ppl_delta_pct) < 2.0 and r["lossless"].kl < min(0.004, r["kivi-4bit"].kl), r["lossless"]
+    # measured on this slice: lossless KL 0.0031 (+1.71%), balanced 0.0030 (+1.40%), gear-4bit
+    # 0.0011, kivi-4bit 0.0037, compact 0.0160 (+2.01%). lossless and balanced are tuned on the
+    # 4096-token protocol (KL 0.0018 there); on this 256-token slice the 4-bit keys / 3-bit values
+    # they share in layers 0-14 cost more than the uniform 5/4 bits lossless had before (KL 0.0005
+    # here, 0.0022 on 256 tokens after a 512-token prefill).
+    for name in ("lossless", "balanced"):
+        assert abs(r[name].ppl_delta_pct) < 2.0 and r[name].kl < min(0.004, r["kivi-4bit"].kl), r[name]
     assert r["gear-4bit"].kl < r["kivi-4bit"].kl, (r["gear-4bit"], r["kivi-4bit"])
-    assert abs(r["compact"].ppl_delta_pct) < 8.0 and r["compact"].kl < 0.05, r["compact"]
+    assert abs(r["compact"].ppl_delta_pct) < 8.0 and r["compact"].kl < 0.025, r["compact"]
     # an fp32 model's uncompressed cache is twice an fp16 one; even at this small capacity, where
     # the fp16 window is up to half of it, a compressed cache is smaller than an fp16 one
     assert r["fp16"].kv_bytes_ratio == 2.0
-    assert all(r[n].kv_bytes_ratio < 1.0 for n in ("kivi-4bit", "gear-4bit", "gear-2bit", "lossless", "compact"))
+    assert all(r[n].kv_bytes_ratio < 1.0 for n in ("kivi-4bit", "gear-4bit", "gear-2bit", "lossless", "balanced", "compact"))
 
 
 def test_eval_text_errors(smollm2, tmp_path):
@@ -81,8 +83,9 @@ def test_memory_targets_at_4096_tokens(smollm2):
     model, _ = smollm2
     reports = {name: gearfx.compile(model, name, max_cache_len=4096, batch_size=1,
                                     backend_compile=False).memory_report()
-               for name in ("lossless", "compact", "gear-4bit", "gear-2bit")}
+               for name in ("lossless", "balanced", "compact", "gear-4bit", "gear-2bit")}
     ratio = {name: r.ratio for name, r in reports.items()}
     assert ratio["lossless"] <= 0.33 and ratio["compact"] <= 0.22, ratio
+    assert ratio["balanced"] <= 0.30, ratio
     assert ratio["gear-4bit"] <= 0.35 and ratio["gear-2bit"] <= 0.26, ratio
     assert reports["lossless"].components["sink.key"] == 30 * 3 * 4 * 64 * 2  # fp16, 4 tokens, 30 layers
