@@ -3,23 +3,18 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
-# The export environment for ExecuTorch (below).
-EXPORT_VENV := .venv-export
-EXPORT_PY := $(EXPORT_VENV)/bin/python
-EXPORT_STAMP := $(EXPORT_VENV)/.installed-$(shell cat pyproject.toml constraints-export.txt | cksum | cut -d' ' -f1)
 
 .PHONY: demo test quality export-env test-export
 
 demo: $(STAMP)
 	$(PY) -m gearfx demo
 
-# test_executorch.py runs in the export environment (last line): optimum-executorch cannot share .venv.
-test: $(STAMP) $(EXPORT_STAMP)
+# test_executorch.py runs in the export environment (test-export, below): optimum-executorch cannot share .venv.
+test: $(STAMP) test-export
 	$(PY) -m pytest -q --ignore=tests/test_executorch.py
 	mkdir -p .benchmarks
 	$(PY) -m pytest -q -p no:logging bench/ --quick --benchmark-json .benchmarks/quick.json
 	$(PY) -m gearfx bench check .benchmarks/quick.json --baseline results/bench/quick-baseline.json
-	$(EXPORT_PY) -m pytest -q -p no:logging tests/test_executorch.py
 
 # The README's results: every shipped recipe, 4096 WikiText-2 tokens scored after a 512-token
 # prefill, through the cache, next to HF QuantizedCache on the same tokens; then the passkey table.
@@ -52,7 +47,11 @@ $(STAMP): pyproject.toml constraints.txt
 
 # The export environment for ExecuTorch (optimum-executorch 1.1.0 pins transformers 5.0.0rc1, so it
 # cannot share .venv): `make export-env` creates .venv-export; `make test-export` runs its tests
-# (`make test` creates it too and runs them last).
+# (`make test` runs them too).
+EXPORT_VENV := .venv-export
+EXPORT_PY := $(EXPORT_VENV)/bin/python
+EXPORT_STAMP := $(EXPORT_VENV)/.installed-$(shell cat pyproject.toml constraints-export.txt | cksum | cut -d' ' -f1)
+
 export-env: $(EXPORT_STAMP)
 
 test-export: $(EXPORT_STAMP)

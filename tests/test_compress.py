@@ -155,8 +155,8 @@ def test_cache_bytes_of_shipped_recipes_on_smollm2_shape():
     shape = dict(num_layers=30, batch=1, heads=3, head_dim=64, capacity=4096)
     ref = fp16_bytes(**shape)
     ratio = {n: sum(cache_bytes(load_recipe(n), dtype=torch.float16, **shape).values()) / ref
-             for n in ("fp16", "kivi-4bit", "kivi-2bit", "gear-4bit", "gear-2bit", "lossless", "balanced", "compact", "h2o",
-                       "gear-4bit-h2o")}
+             for n in ("fp16", "kivi-4bit", "kivi-2bit", "gear-4bit", "gear-2bit", "lossless", "balanced", "compact",
+                       "h2o", "gear-4bit-h2o")}
     assert ratio["fp16"] == 1.0
     assert ratio["lossless"] <= 0.33 and ratio["compact"] <= 0.22  # issue 4's budgets
     assert ratio["compact"] < ratio["balanced"] <= 0.30 < ratio["lossless"]  # under HF 4-bit caches' 0.301
