@@ -11,7 +11,7 @@ demo: $(STAMP)
 
 # test_executorch.py runs in the export environment (test-export, below): optimum-executorch cannot share .venv.
 test: $(STAMP) test-export
-	$(PY) -m pytest -q --ignore=tests/test_executorch.py
+	$(PY) -m pytest -q --durations=10 --ignore=tests/test_executorch.py
 	mkdir -p .benchmarks
 	$(PY) -m pytest -q -p no:logging bench/ --quick --benchmark-json .benchmarks/quick.json
 	$(PY) -m gearfx bench check .benchmarks/quick.json --baseline results/bench/quick-baseline.json
