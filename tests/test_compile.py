@@ -79,7 +79,13 @@ def test_one_part_in_full_precision_compiles_and_matches_eager():
     assert torch.equal(gm.generate(ids, mask, max_new_tokens=30), eager.generate(ids, mask, max_new_tokens=30))
 
 
-@pytest.mark.parametrize("recipe, tol", [("fp16", 0.0), ("gear-4bit", 0.1), ("kivi-4bit", 0.1), ("h2o", 0.0)])
+# a budget of 6 tokens, so the longer prompts (9 and 7 tokens) are cut at the prefill
+OBSERVING_H2O = gearfx.recipes.parse_recipe({"name": "h2o-observing", "key": {"bits": 16}, "value": {"bits": 16},
+                                             "h2o": {"heavy": 3, "recent": 2, "sinks": 1, "observe": 4}})
+
+
+@pytest.mark.parametrize("recipe, tol", [("fp16", 0.0), ("gear-4bit", 0.1), ("kivi-4bit", 0.1), ("h2o", 0.0),
+                                         (OBSERVING_H2O, 0.0)])
 def test_padded_batch_rows_match_each_prompt_alone(recipe, tol):
     """Four prompts of different lengths, left-padded, against each prompt run alone."""
     model = tiny.hf("qwen2")

@@ -180,34 +180,81 @@ def test_accumulate_sums_query_heads_of_each_kv_group():
     assert torch.allclose(s[:, 1], attn[:, 2:4].sum(dim=(1, 2)))
 
 
-@given(heavy=st.integers(1, 6), recent=st.integers(1, 6), sinks=st.integers(0, 3), steps=st.integers(1, 40), seed=st.integers(0, 99))
-def test_h2o_keeps_its_budget_sinks_recent_and_evicts_the_lowest(heavy, recent, sinks, steps, seed):
+@given(heavy=st.integers(1, 6), recent=st.integers(1, 6), sinks=st.integers(0, 3), pads=st.integers(0, 3),
+       steps=st.integers(1, 40), seed=st.integers(0, 99))
+def test_h2o_keeps_its_budget_sinks_recent_and_evicts_the_lowest(heavy, recent, sinks, pads, steps, seed):
+    """Row 1 is left-padded by `pads` positions, which attend and are attended by nothing: its
+    sinks are its first real tokens."""
     g = torch.Generator().manual_seed(seed)
     b, h = 2, 3
     budget = heavy + recent + sinks
+    start = torch.tensor([0, pads])
     positions = torch.full((b, h, budget), h2o.EMPTY, dtype=torch.int32)
     scores = torch.zeros(b, h, budget)
     for p in range(steps):
-        slot = h2o.choose_slot(scores, positions, p, recent, sinks)
+        slot = h2o.choose_slot(scores, positions, p, recent, sinks, start)
         full = (positions != h2o.EMPTY).all(dim=-1)
         if full.any():  # the victim has the lowest score among the evictable slots
-            ev = h2o.evictable(positions, p, recent, sinks)
+            ev = h2o.evictable(positions, p, recent, sinks, start)
             lowest = scores.masked_fill(~ev, float("inf")).amin(-1)
             assert torch.equal(scores.gather(-1, slot[..., None])[..., 0][full], lowest[full])
         positions = positions.scatter(-1, slot[..., None], p)
         scores = scores.scatter(-1, slot[..., None], 0.0)
-        scores = h2o.accumulate(scores, torch.rand(b, h, 1, budget, generator=g) * (positions != h2o.EMPTY)[:, :, None])
-        kept = positions[positions != h2o.EMPTY].view(b, h, -1)
-        assert kept.shape[-1] == min(p + 1, budget)
-        for q in list(range(min(sinks, p + 1))) + list(range(max(0, p - recent + 1), p + 1)):
-            assert (kept == q).any(-1).all(), (q, p)
+        real = (positions >= start[:, None, None]) & (p >= start)[:, None, None]
+        scores = h2o.accumulate(scores, torch.rand(b, h, 1, budget, generator=g) * real[:, :, None])
+        for row in range(b):
+            kept = positions[row][positions[row] != h2o.EMPTY].view(h, -1)
+            assert kept.shape[-1] == min(p + 1, budget)
+            first = int(start[row])
+            for q in list(range(first, min(first + sinks, p + 1))) + list(range(max(0, p - recent + 1), p + 1)):
+                assert (kept == q).any(-1).all(), (row, q, p)
+
+
+def causal_attention(length: int) -> torch.Tensor:
+    """Causal softmax attention [1, 2, L, L] of 2 query heads (1 KV head)."""
+    logits = torch.randn(1, 2, length, length, generator=torch.Generator().manual_seed(0))
+    return logits.masked_fill(~torch.ones(length, length, dtype=torch.bool).tril(), float("-inf")).softmax(-1)
+
+
+def test_prefill_scores_are_h2os_sum_or_the_larger_of_it_and_the_pooled_observation():
+    length, window = 16, 4
+    attn = causal_attention(length)
+    attn[:, :, -window:] *= 0.1  # the last queries look mostly at token 3
+    attn[:, :, -window:, 3] += 0.9
+    real = torch.ones(1, length, dtype=torch.bool)
+    full = attn.sum(dim=(1, 2))[0]  # [L]: every query's mass, summed
+    assert torch.allclose(h2o.prefill_scores(attn, 1, 0, real)[0, 0], full)
+    scores = h2o.prefill_scores(attn, 1, window, real)[0, 0]
+    observed = attn[0, :, -window:].sum(dim=(0, 1))
+    pos = torch.arange(length)
+    near = (pos[:, None] - pos[None, :]).abs() <= h2o.POOL // 2  # [L, L]: within each other's pool
+    pooled = (near.float() @ observed) / near.sum(-1)  # the mean over each token's pool (edges: what exists)
+    assert torch.allclose(scores, torch.maximum(full, pooled * full.sum() / pooled.sum()))
+    end = 3 + h2o.POOL // 2 + 1
+    assert (scores[4:end] > full[4:end]).all()  # the neighbours of what the end asked for gain
+
+
+def test_prefill_scores_of_a_left_padded_row_are_the_rows_alone():
+    length, pads = 16, 5
+    alone = causal_attention(length - pads)
+    padded = torch.zeros(1, 2, length, length)
+    padded[:, :, pads:, pads:] = alone
+    real = torch.arange(length)[None] >= pads
+    got = h2o.prefill_scores(padded, 1, 4, real)[..., pads:]
+    assert torch.allclose(got, h2o.prefill_scores(alone, 1, 4, torch.ones(1, length - pads, dtype=torch.bool)))
 
 
 def test_keep_after_prefill():
     scores = torch.zeros(1, 2, 20)
     scores[0, 0, [7, 9]] = 5.0
     scores[0, 1, [3, 12]] = 5.0
-    keep = h2o.keep_after_prefill(scores, heavy=2, recent=3, sinks=1)
+    start = torch.zeros(1, dtype=torch.int64)
+    keep = h2o.keep_after_prefill(scores, heavy=2, recent=3, sinks=1, start=start)
     assert keep[0, 0].tolist() == [0, 7, 9, 17, 18, 19]
     assert keep[0, 1].tolist() == [0, 3, 12, 17, 18, 19]
-    assert h2o.keep_after_prefill(scores[..., :4], 2, 3, 1)[0, 0].tolist() == [0, 1, 2, 3, -1, -1]
+    assert h2o.keep_after_prefill(scores[..., :4], 2, 3, 1, start)[0, 0].tolist() == [0, 1, 2, 3, -1, -1]
+    # left-padded by 2 (padding scores -1, as prefill_scores gives it): the sink is position 2
+    padded = scores.clone()
+    padded[..., :2] = -1.0
+    keep = h2o.keep_after_prefill(padded, heavy=2, recent=3, sinks=1, start=start + 2)
+    assert keep[0, 0].tolist() == [2, 7, 9, 17, 18, 19]

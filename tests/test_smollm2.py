@@ -63,10 +63,11 @@ def test_compressed_recipes_stay_within_bounds(scored):
         assert abs(r[name].ppl_delta_pct) < 2.0 and r[name].kl < min(0.004, r["kivi-4bit"].kl), r[name]
     assert r["gear-4bit"].kl < r["kivi-4bit"].kl, (r["gear-4bit"], r["kivi-4bit"])
     assert abs(r["compact"].ppl_delta_pct) < 8.0 and r["compact"].kl < 0.025, r["compact"]
-    # eviction from the prefill on: 140 of 256 slots. Measured +9.7% / KL 0.133; with a recent window of
-    # 4 tokens instead of 16 it was +28.9% / 0.156
+    # eviction from the prefill on: 140 of 256 slots. Measured +27.8% / KL 0.174 (top-1 79%); scoring
+    # prompt tokens by H2O's sum alone (h2o.observe 0) it was +9.7% / 0.133, but that evicts a pass
+    # key before the question asks for it: continuing text and retrieval want different tokens kept
     h2o = r["gear-4bit-h2o"]
-    assert abs(h2o.ppl_delta_pct) < 15.0 and h2o.kl < 0.16 and h2o.kv_bytes_ratio < 0.2, h2o
+    assert abs(h2o.ppl_delta_pct) < 35.0 and h2o.kl < 0.2 and h2o.kv_bytes_ratio < 0.2, h2o
     # an fp32 model's uncompressed cache is twice an fp16 one; even at this small capacity, where
     # the fp16 window is up to half of it, a compressed cache is smaller than an fp16 one
     assert r["fp16"].kv_bytes_ratio == 2.0

@@ -111,7 +111,7 @@ def test_splits_agree(case):
     cache_position = torch.tensor([prompt])
     extra = {}
     if recipe.h2o is not None:
-        extra = dict(slot=reference.store_h2o_token(k, v, cache_position, recipe, capacity, state))
+        extra = dict(slot=reference.store_h2o_token(k, v, cache_position, None, recipe, capacity, state))
     else:
         state["window.key"][:, :, prompt % 16] = k[:, :, 0].half()
         state["window.value"][:, :, prompt % 16] = v[:, :, 0].half()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 EMPTY = -1
+POOL = 9  # span of a pooled observation score; SnapKV's 5 kept 3 of a pass key's 5 digits
 
 
 def accumulate(scores: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
@@ -26,17 +27,56 @@ def accumulate(scores: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
     return scores + attn.float().reshape(b, h, hq // h, l, s).sum(dim=(2, 3))
 
 
-def evictable(positions: torch.Tensor, position: int | torch.Tensor, recent: int, sinks: int) -> torch.Tensor:
+def prefill_scores(attn: torch.Tensor, kv_heads: int, observe: int, real: torch.Tensor) -> torch.Tensor:
+    """Scores [B, H, L] fp32 of L prompt tokens after a causal prefill, on the scale of
+    accumulated attention mass (decode steps add theirs to it).
+
+    attn [B, Hq, L, L] probabilities of the prompt's queries; real [B, L] bool: prompt tokens, not
+    left padding (padding neither takes nor dilutes a pooled score, so a padded row keeps what it
+    would keep alone). observe = 0: each token's mass summed
+    over every prompt query, as H2O does; that keeps what the whole text leans on, but not what
+    the prompt's end (a question) asks for when the rest of the prompt ignored it. observe > 0:
+    the larger of that sum and SnapKV's score, the mass from the last `observe` queries averaged
+    over POOL neighbouring tokens (so a span, e.g. a number's digits, is kept whole) and rescaled
+    to the same total: a token stays if either ranks it heavy.
+    """
+    b, _, length, _ = attn.shape
+    zeros = attn.new_zeros(b, kv_heads, length, dtype=torch.float32)
+    attn = attn * real[:, None, :, None]  # padding queries attend to nothing
+    full = accumulate(zeros, attn)
+    if observe == 0:
+        return full.masked_fill(~real[:, None], -1.0)  # padding ranks below every token
+    last = torch.arange(length, device=attn.device) >= length - observe  # a mask, not a slice: no shape guard
+    observed = accumulate(zeros, attn * last[:, None])
+    real = real[:, None].float()  # [B, 1, L]
+    window = dict(kernel_size=POOL, stride=1, padding=POOL // 2)
+    pool = torch.nn.functional.avg_pool1d
+    pooled = pool(observed * real, **window) / pool(real, **window).clamp_min(1 / POOL) * real
+    total = (full * real).sum(-1, keepdim=True) / pooled.sum(-1, keepdim=True)
+    return torch.maximum(full, pooled * total).masked_fill(real == 0, -1.0)
+
+
+def is_sink(positions: torch.Tensor, start: torch.Tensor, sinks: int) -> torch.Tensor:
+    """Bool, shaped like positions [B, ...]: the row's first `sinks` tokens. start [B] int64: each
+    row's first token position (its left padding's length), so a padded row keeps the same tokens
+    as sinks as the row alone would."""
+    start = start.view(-1, *[1] * (positions.dim() - 1))
+    return (positions >= start) & (positions < start + sinks)
+
+
+def evictable(positions: torch.Tensor, position: int | torch.Tensor, recent: int, sinks: int,
+              start: torch.Tensor) -> torch.Tensor:
     """Bool [B, H, S]: slots a token entering at `position` may overwrite.
 
-    positions [B, H, S] int (EMPTY for empty slots). Sinks (position < sinks) stay, and so do the
-    recent - 1 newest tokens, which with the new one make the recent window.
+    positions [B, H, S] int (EMPTY for empty slots); start [B] (`is_sink`). Sinks stay, and so do
+    the recent - 1 newest tokens, which with the new one make the recent window.
     """
-    return (positions >= sinks) & (positions <= position - recent)
+    return (positions != EMPTY) & ~is_sink(positions, start, sinks) & (positions <= position - recent)
 
 
 def choose_slot(
-    scores: torch.Tensor, positions: torch.Tensor, position: int | torch.Tensor, recent: int, sinks: int
+    scores: torch.Tensor, positions: torch.Tensor, position: int | torch.Tensor, recent: int, sinks: int,
+    start: torch.Tensor,
 ) -> torch.Tensor:
     """The slot [B, H] (int64) where the token at sequence `position` goes.
 
@@ -44,23 +84,24 @@ def choose_slot(
     recent >= 1 and a full cache of S > sinks + recent - 1 slots there is always an evictable slot.
     """
     empty = positions == EMPTY
-    masked = scores.masked_fill(~evictable(positions, position, recent, sinks), float("inf"))
+    masked = scores.masked_fill(~evictable(positions, position, recent, sinks, start), float("inf"))
     victim = masked.argmin(dim=-1)
     first_empty = empty.int().argmax(dim=-1)  # argmax returns the first maximum
     return torch.where(empty.any(dim=-1), first_empty, victim)
 
 
-def keep_after_prefill(scores: torch.Tensor, heavy: int, recent: int, sinks: int) -> torch.Tensor:
+def keep_after_prefill(scores: torch.Tensor, heavy: int, recent: int, sinks: int,
+                       start: torch.Tensor) -> torch.Tensor:
     """Positions [B, H, budget] (int64, ascending, EMPTY-padded) to keep after a prefill of L tokens.
 
-    scores [B, H, L]: attention mass each prompt token received during the prefill. Keeps the
-    first `sinks`, the last `recent`, and the `heavy` highest-scoring tokens in between; a prompt
-    shorter than the budget is kept whole. Branch-free, so L can be a dynamic export dimension.
+    scores [B, H, L]: attention mass of each prompt token (`prefill_scores`). Keeps the
+    first `sinks` (from start [B], `is_sink`), the last `recent`, and the `heavy` highest-scoring
+    tokens in between; a prompt shorter than the budget is kept whole. Branch-free, so L can be a dynamic export dimension.
     """
     b, h, length = scores.shape
     budget = heavy + recent + sinks
     pos = torch.arange(length, device=scores.device)
-    forced = (pos < sinks) | (pos >= length - recent)
+    forced = is_sink(pos.expand(b, 1, length), start, sinks) | (pos >= length - recent)
     priority = scores.float().masked_fill(forced, float("inf"))
     # budget padding entries rank last and stand for empty slots when the prompt is short
     padded = torch.cat([priority, priority.new_full((b, h, budget), float("-inf"))], dim=-1)

@@ -372,13 +372,21 @@ def _store_values(p, store, spec, fix):
     return out if fix is None else out + fix.output(p[:, :, :, None])[:, :, :, 0]
 
 
-def store_h2o_token(k, v, cache_position, recipe, capacity, state) -> torch.Tensor:
+def first_positions(attn_mask: torch.Tensor | None, cache_position: torch.Tensor, capacity: int, batch: int) -> torch.Tensor:
+    """[B] int64: the first position each row's last new token may attend to (the length of the
+    row's left padding), from the model's mask; 0 without one."""
+    real = _bias(attn_mask, cache_position, capacity, torch.float32)[:, 0, -1] > torch.finfo(torch.float32).min / 2
+    return real.int().argmax(dim=-1).expand(batch)
+
+
+def store_h2o_token(k, v, cache_position, attn_mask, recipe, capacity, state) -> torch.Tensor:
     """Compress one decode token k, v [B, H, 1, D] into the slot H2O picks for it (evicting its
     token) and reset that slot's score. Returns the slot [B, H]."""
     b, h = k.shape[:2]
     _, recent, sinks = recipe.h2o.budget(capacity)
     positions, scores = state["h2o.positions"], state["h2o.scores"]
-    slot = h2o.choose_slot(scores, positions, cache_position, recent, sinks)  # [B, H]
+    start = first_positions(attn_mask, cache_position, capacity, b)
+    slot = h2o.choose_slot(scores, positions, cache_position, recent, sinks, start)  # [B, H]
     for part, x, spec in (("key", k, recipe.key), ("value", v, recipe.value)):
         for f, t in compress_chunk(x.to(kept_dtype(recipe, k.dtype)), spec, recipe).items():  # t [B, H, 1, ...]
             dst = state[f"{part}.{f}"]
@@ -410,7 +418,7 @@ def _attend_h2o(q, k, v, cache_position, attn_mask, scale, recipe, capacity, sta
     positions, scores = state["h2o.positions"], state["h2o.scores"]
     kept = kept_dtype(recipe, q.dtype)
     if length == 1:
-        slot = store_h2o_token(k, v, cache_position, recipe, capacity, state)
+        slot = store_h2o_token(k, v, cache_position, attn_mask, recipe, capacity, state)
         keys = _decompress(state, "key", recipe.key, q.dtype).reshape(b, h, -1, d)
         values = _decompress(state, "value", recipe.value, q.dtype).reshape(b, h, -1, d)
         # the newest token is attended in full precision, as it would be without eviction
@@ -433,8 +441,9 @@ def _attend_h2o(q, k, v, cache_position, attn_mask, scale, recipe, capacity, sta
     if length == 1:
         scores.copy_(h2o.accumulate(scores, mass))
     else:
-        token_scores = h2o.accumulate(torch.zeros(b, h, length, device=q.device), mass)
-        keep = h2o.keep_after_prefill(token_scores, heavy, recent, sinks)  # [B, H, S]
+        real = bias[:, 0, 0, -1] > torch.finfo(q.dtype).min / 2  # [B, L]: what the last query may see
+        token_scores = h2o.prefill_scores(mass, h, recipe.h2o.observe, real)
+        keep = h2o.keep_after_prefill(token_scores, heavy, recent, sinks, real.int().argmax(-1))  # [B, H, S]
         src = keep.clamp_min(0)
         for part, x, spec in (("key", k, recipe.key), ("value", v, recipe.value)):
             tokens = x.gather(2, src[..., None].expand(b, h, src.shape[-1], d))

@@ -496,7 +496,7 @@ def decode(
 
 def _decode(q, k, v, cache_position, attn_mask, scale, recipe, capacity, state):
     if recipe.h2o is not None:
-        slot = reference.store_h2o_token(k, v, cache_position, recipe, capacity, state)
+        slot = reference.store_h2o_token(k, v, cache_position, attn_mask, recipe, capacity, state)
         out, probs = attention(q, state, recipe, capacity, cache_position, attn_mask, scale, k, v, slot)
         scores = state["h2o.scores"]
         scores.copy_(h2o.accumulate(scores, probs))

@@ -67,11 +67,15 @@ class H2O:
     heavy / recent: tokens kept for their accumulated attention / for being the most recent; an
         integer count, or a float in [0, 1] meaning that fraction of the cache capacity.
     sinks: the first tokens of the sequence, always kept (attention sinks).
+    observe: a prompt token is also kept when the prompt's last `observe` queries attend to it
+        (SnapKV's observation window, pooled over neighbouring tokens); 0 scores prompt tokens by
+        every prompt query only, as H2O does (`compress.h2o.prefill_scores`).
     """
 
     heavy: int | float
     recent: int | float
     sinks: int = 0
+    observe: int = 0
 
     def budget(self, capacity: int) -> tuple[int, int, int]:
         """(heavy, recent, sinks) in tokens for a cache of `capacity` tokens."""
@@ -217,7 +221,7 @@ def _tensor_spec(recipe: str, path: str, data: Mapping, base: TensorSpec, window
 def _h2o(recipe: str, data: Any) -> H2O | None:
     if data is None:
         return None
-    _check_keys(recipe, "h2o", data, ("heavy", "recent", "sinks"))
+    _check_keys(recipe, "h2o", data, ("heavy", "recent", "sinks", "observe"))
     for k in ("heavy", "recent"):
         if k not in data:
             raise RecipeError(f"recipe {recipe!r}: field 'h2o.{k}' is missing; it is required with h2o")
@@ -227,7 +231,10 @@ def _h2o(recipe: str, data: Any) -> H2O | None:
     sinks = data.get("sinks", 0)
     if not _is_int(sinks) or sinks < 0:
         raise _fail(recipe, "h2o.sinks", sinks, "an integer >= 0")
-    return H2O(heavy=data["heavy"], recent=data["recent"], sinks=sinks)
+    observe = data.get("observe", 0)
+    if not _is_int(observe) or observe < 0:
+        raise _fail(recipe, "h2o.observe", observe, "an integer >= 0 (0: every prompt query)")
+    return H2O(heavy=data["heavy"], recent=data["recent"], sinks=sinks, observe=observe)
 
 
 _LAYER_FIELDS = ("key", "value", "window", "loops", "h2o")
