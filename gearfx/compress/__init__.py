@@ -1,2 +1,3 @@
 """Compression math as pure functions on tensors: quantize (torchao), lowrank, sparse, gear (one
-chunk through all three), h2o (eviction), layout (state tensors and their exact bytes)."""
+chunk through all three), h2o (eviction), sinks (which tokens are kept exactly), layout (state
+tensors and their exact bytes)."""

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from gearfx.compress.sinks import is_sink
+
 EMPTY = -1
 POOL = 9  # span of a pooled observation score; SnapKV's 5 kept 3 of a pass key's 5 digits
 
@@ -56,19 +58,11 @@ def prefill_scores(attn: torch.Tensor, kv_heads: int, observe: int, real: torch.
     return torch.maximum(full, pooled * total).masked_fill(real == 0, -1.0)
 
 
-def is_sink(positions: torch.Tensor, start: torch.Tensor, sinks: int) -> torch.Tensor:
-    """Bool, shaped like positions [B, ...]: the row's first `sinks` tokens. start [B] int64: each
-    row's first token position (its left padding's length), so a padded row keeps the same tokens
-    as sinks as the row alone would."""
-    start = start.view(-1, *[1] * (positions.dim() - 1))
-    return (positions >= start) & (positions < start + sinks)
-
-
 def evictable(positions: torch.Tensor, position: int | torch.Tensor, recent: int, sinks: int,
               start: torch.Tensor) -> torch.Tensor:
     """Bool [B, H, S]: slots a token entering at `position` may overwrite.
 
-    positions [B, H, S] int (EMPTY for empty slots); start [B] (`is_sink`). Sinks stay, and so do
+    positions [B, H, S] int (EMPTY for empty slots); start [B] (`sinks.is_sink`). Sinks stay, and so do
     the recent - 1 newest tokens, which with the new one make the recent window.
     """
     return (positions != EMPTY) & ~is_sink(positions, start, sinks) & (positions <= position - recent)
@@ -95,7 +89,7 @@ def keep_after_prefill(scores: torch.Tensor, heavy: int, recent: int, sinks: int
     """Positions [B, H, budget] (int64, ascending, EMPTY-padded) to keep after a prefill of L tokens.
 
     scores [B, H, L]: attention mass of each prompt token (`prefill_scores`). Keeps the
-    first `sinks` (from start [B], `is_sink`), the last `recent`, and the `heavy` highest-scoring
+    first `sinks` (from start [B], `sinks.is_sink`), the last `recent`, and the `heavy` highest-scoring
     tokens in between; a prompt shorter than the budget is kept whole. Branch-free, so L can be a dynamic export dimension.
     """
     b, h, length = scores.shape

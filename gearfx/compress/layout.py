@@ -14,6 +14,9 @@ is exact.
 - H2O eviction: S = sinks + heavy + recent slots of one token each, compressed one token at a time
   (so eviction can overwrite any single slot), plus h2o.scores [B, H, S] fp32 (accumulated
   attention) and h2o.positions [B, H, S] int32 (sequence position in each slot, -1 when empty).
+- Both keep row.start [B] int64, each row's first real position (its left padding's length),
+  found at the sequence's start: padding is left out of compression and sinks are taken after it
+  (`gearfx.compress.sinks`).
 
 Every byte a cache needs is in these tensors, so `cache_bytes` (and the memory report built on
 it) is the exact size of the allocated state, not an estimate.
@@ -101,6 +104,7 @@ def cache_layout(
     else:
         out["h2o.scores"] = Meta(lead + (n,), torch.float32)
         out["h2o.positions"] = Meta(lead + (n,), torch.int32)
+    out["row.start"] = Meta((batch,), torch.int64)
     return out
 
 

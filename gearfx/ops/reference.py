@@ -10,9 +10,11 @@ Every shape is static (capacity, chunk slots, H2O slots), so a decode step compi
   compressed form. The decode step that fills the window compresses it into its slot (a
   `torch.cond`, so other steps skip the work and the graph stays one graph).
 - The new tokens are always attended in full precision: prefill is exact over the prompt.
-- With `sinks: N`, positions < N are also kept in sink.key / sink.value and attended from there,
-  exactly (no corrections); chunk 0 is still compressed whole, with those tokens left out of its
-  ranges, outliers and low-rank fit.
+- With `sinks: N`, each row's first N real tokens (`gearfx.compress.sinks`: after its left
+  padding) are also kept in sink.key / sink.value and attended from there, exactly (no
+  corrections); their chunk is still compressed whole, with those tokens left out of its ranges,
+  outliers and low-rank fit. A row's padding is left out the same way, so padding never reaches
+  the compression of the row's tokens.
 - With `rotate`, q, k and v are rotated by the recipe's fixed orthogonal matrix on the way in and
   the output rotated back on the way out (`gearfx.compress.rotation`): everything in between,
   the cache included, works on rotated tensors and is otherwise unchanged.
@@ -28,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from gearfx.compress import gear, h2o, quantize, rotation
+from gearfx.compress.sinks import held_elsewhere, is_sink, sink_positions
 from gearfx.compress.gear import Chunk
 from gearfx.compress.layout import kept_dtype, slots
 from gearfx.ops import codes
@@ -227,13 +230,13 @@ def _attend_chunked(q, k, v, cache_position, attn_mask, scale, recipe, capacity,
     kept = kept_dtype(recipe, q.dtype)
     first = cache_position[:1] // c  # the chunk the window holds before this call
     chunk_ids = torch.arange(n, device=q.device)
-    sinks = recipe.sinks
-    if sinks:  # positions < sinks: this call's tokens join the sink buffer, read from there
-        write_sinks(state, k, v, cache_position, sinks, kept)
+    start = row_starts(attn_mask, cache_position, n * c, state)
+    if recipe.sinks:  # this call's tokens that are sinks join the sink buffer, read from there
+        write_sinks(state, k, v, cache_position, start, recipe.sinks, kept)
     if length == 1:
-        out = _attend_one(q, k, v, cache_position, attn_mask, scale, recipe, capacity, state)
+        out = _attend_one(q, k, v, cache_position, start, attn_mask, scale, recipe, capacity, state)
     else:
-        out, base = _attend_many(q, k, v, cache_position, attn_mask, scale, recipe, capacity, state)
+        out, base = _attend_many(q, k, v, cache_position, start, attn_mask, scale, recipe, capacity, state)
 
     for part, x in (("key", k), ("value", v)):
         spec, win = getattr(recipe, part), state[f"window.{part}"]
@@ -244,10 +247,7 @@ def _attend_chunked(q, k, v, cache_position, attn_mask, scale, recipe, capacity,
             current = tuple(state[f"{part}.{f}"].index_select(2, slot)[:, :, 0] for f in names)
 
             def close(w, *_):
-                skip = None
-                if sinks:  # the closing chunk's positions that the sink buffer holds exactly
-                    skip = (slot * c + torch.arange(c, device=w.device) < sinks)[:, None]
-                fields = compress_chunk(w, spec, recipe, skip)
+                fields = compress_chunk(w, spec, recipe, closing_skip(slot, c, start, recipe.sinks))
                 # copy: a bits=16 part's "data" is `w` itself, and cond branches must not alias inputs
                 return tuple(fields[f].to(t.dtype, copy=True) for f, t in zip(names, current))
 
@@ -263,9 +263,8 @@ def _attend_chunked(q, k, v, cache_position, attn_mask, scale, recipe, capacity,
             write_slots(state, part, {f: t[:, :, None] for f, t in zip(names, new)}, slot)
         else:  # prefill: chunks from the window's onwards are built from full-precision tokens
             chunks = base[part].view(b, h, n, c, d).to(kept)
-            skip = None
-            if sinks:
-                skip = (torch.arange(n * c, device=q.device) < sinks).view(n, c, 1)
+            pos = torch.arange(n * c, device=q.device).view(1, n, c)
+            skip = held_elsewhere(pos, start, recipe.sinks)[:, None, :, :, None]  # [B, 1, N, C, 1]
             fresh = compress_chunk(chunks, spec, recipe, skip)
             keep = chunk_ids < first
             for f, t in fresh.items():
@@ -275,32 +274,36 @@ def _attend_chunked(q, k, v, cache_position, attn_mask, scale, recipe, capacity,
     return out
 
 
-def _attend_many(q, k, v, cache_position, attn_mask, scale, recipe, capacity, state):
+def _attend_many(q, k, v, cache_position, start, attn_mask, scale, recipe, capacity, state):
     """Attention of L new tokens over the cache with every stored chunk rebuilt (prefill, where
-    the new tokens dominate the work). Returns (out [B, Hq, L, D], the rebuilt sequence of keys
-    and values [B, H, N*C, D] by part, the new tokens in it)."""
+    the new tokens dominate the work); start [B]: each row's first real position. Returns
+    (out [B, Hq, L, D], the rebuilt sequence of keys and values [B, H, N*C, D] by part, the new
+    tokens in it)."""
     b, h, length, d = k.shape
     n, c = slots(recipe, capacity)
-    sinks = recipe.sinks
     first = cache_position[:1] // c
     chunk_ids = torch.arange(n, device=q.device)
     exact = (chunk_ids == first).repeat_interleave(c)  # positions read in full precision
-    exact = exact.index_fill(0, cache_position, True)
-    if sinks:
-        exact = exact.index_fill(0, torch.arange(min(sinks, n * c), device=q.device), True)
+    exact = exact.index_fill(0, cache_position, True)[None]  # [1, N*C]
+    if recipe.sinks:
+        pos = torch.arange(n * c, device=q.device)[None]
+        sunk = is_sink(pos, start, recipe.sinks)  # [B, N*C]
+        exact = exact | sunk
+        held = (pos - start[:, None]).clamp(0, recipe.sinks - 1)[:, None, :, None].expand(b, h, n * c, d)
     base, fix = {}, {}
     for part, x in (("key", k), ("value", v)):
         codes, corrections = _stored(state, part, getattr(recipe, part))  # [B, H, N, C, D]
         window = state[f"window.{part}"][:, :, None].float()
         codes = torch.where((chunk_ids == first)[:, None, None], window, codes)
         codes = codes.reshape(b, h, n * c, d)
-        if sinks:
-            codes = torch.cat([state[f"sink.{part}"][:, :, : n * c].float(), codes[:, :, sinks:]], dim=2)
+        if recipe.sinks:
+            codes = torch.where(sunk[:, None, :, None], state[f"sink.{part}"].float().gather(2, held), codes)
         base[part] = codes.index_copy(2, cache_position, x.float())
         fix[part] = corrections
     g = q.shape[1] // h
     q5 = q.float().view(b, h, g, length, d)
     scores = q5 @ base["key"][:, :, None].mT  # [B, H, g, L, N*C]
+    exact = exact[:, None, None, None]  # [B|1, 1, 1, 1, N*C]
     if fix["key"] is not None:
         scores = scores + fix["key"].scores(q5) * ~exact
     bias = _bias(attn_mask, cache_position, n * c, torch.float32)  # [B|1, 1, L, N*C]
@@ -311,10 +314,10 @@ def _attend_many(q, k, v, cache_position, attn_mask, scale, recipe, capacity, st
     return out.to(q.dtype).reshape(b, h * g, length, d), base
 
 
-def _attend_one(q, k, v, cache_position, attn_mask, scale, recipe, capacity, state):
+def _attend_one(q, k, v, cache_position, start, attn_mask, scale, recipe, capacity, state):
     """Attention of one new token (decode), reading compressed chunks as codes (`ops.codes`: no
-    K/V is rebuilt), the window and sinks in full precision. The store itself is unchanged here.
-    Returns [B, Hq, 1, D]."""
+    K/V is rebuilt), the window and sinks in full precision; start [B]: each row's first real
+    position. The store itself is unchanged here. Returns [B, Hq, 1, D]."""
     b, h, _, d = k.shape
     n, c = slots(recipe, capacity)
     g = q.shape[1] // h
@@ -324,7 +327,8 @@ def _attend_one(q, k, v, cache_position, attn_mask, scale, recipe, capacity, sta
     neg = torch.finfo(torch.float32).min
     bias = _bias(attn_mask, cache_position, tokens, torch.float32)[:, :, :1]  # [B|1, 1, 1, N*C]
     pos = torch.arange(tokens, device=q.device)
-    stored = ((pos < first) & (pos >= recipe.sinks))[None, None, None]  # read from chunks
+    stored = (pos < first) & ~is_sink(pos[None], start, recipe.sinks)  # read from chunks
+    stored = stored[:, None, None]  # [B, 1, 1, N*C]
     in_window = first + torch.arange(c, device=q.device)
     windowed = (in_window <= cache_position)[None, None, None]
     parts = {}
@@ -334,9 +338,11 @@ def _attend_one(q, k, v, cache_position, attn_mask, scale, recipe, capacity, sta
     kwin, kcodes, kfix = parts["key"]
     logits = [(_store_scores(q4, kcodes, recipe.key, kfix) * scale + bias).masked_fill(~stored, neg),
               (q4 @ kwin.mT * scale + bias.gather(-1, in_window.expand(*bias.shape[:3], c))).masked_fill(~windowed, neg)]
-    if recipe.sinks:  # sinks outside the window, once chunk 0 is closed
-        sunk = (first > 0)[None, None, None]
-        logits.append((q4 @ state["sink.key"].float().mT * scale + bias[..., : recipe.sinks]).masked_fill(~sunk, neg))
+    if recipe.sinks:  # sinks before the window (the window holds the others)
+        at = sink_positions(start, recipe.sinks)  # [B, sinks]
+        sink_bias = bias.expand(b, 1, 1, tokens).gather(-1, at.clamp_max(tokens - 1)[:, None, None])
+        sunk = (at < first)[:, None, None]
+        logits.append((q4 @ state["sink.key"].float().mT * scale + sink_bias).masked_fill(~sunk, neg))
     probs = torch.cat(logits, dim=-1).softmax(dim=-1).split([tokens, c] + ([recipe.sinks] if recipe.sinks else []), -1)
     vwin, vcodes, vfix = parts["value"]
     out = _store_values(probs[0], vcodes, recipe.value, vfix) + probs[1] @ vwin
@@ -372,11 +378,23 @@ def _store_values(p, store, spec, fix):
     return out if fix is None else out + fix.output(p[:, :, :, None])[:, :, :, 0]
 
 
-def first_positions(attn_mask: torch.Tensor | None, cache_position: torch.Tensor, capacity: int, batch: int) -> torch.Tensor:
-    """[B] int64: the first position each row's last new token may attend to (the length of the
-    row's left padding), from the model's mask; 0 without one."""
-    real = _bias(attn_mask, cache_position, capacity, torch.float32)[:, 0, -1] > torch.finfo(torch.float32).min / 2
-    return real.int().argmax(dim=-1).expand(batch)
+def real_tokens(attn_mask: torch.Tensor | None, cache_position: torch.Tensor, keys: int) -> torch.Tensor:
+    """Bool [B|1, L]: which of the call's L new tokens are real, not padding. A padding key is
+    masked for every query, so a token is real when it may attend to itself; that holds under a
+    sliding window too, where a late query no longer sees a row's first tokens."""
+    bias = _bias(attn_mask, cache_position, keys, torch.float32)[:, 0]  # [B|1, L, keys]
+    own = bias.gather(-1, cache_position[None, :, None].expand(bias.shape[0], -1, 1))[..., 0]
+    return own > torch.finfo(torch.float32).min / 2
+
+
+def row_starts(attn_mask: torch.Tensor | None, cache_position: torch.Tensor, keys: int, state) -> torch.Tensor:
+    """[B] int64: each row's first real position (its left padding's length). Found by the call
+    that starts a sequence (at position 0) and kept in row.start for the calls after it, whose
+    masks need not show the padding any more (sliding windows)."""
+    buf = state["row.start"]
+    found = cache_position[real_tokens(attn_mask, cache_position, keys).int().argmax(dim=-1)]
+    buf.copy_(torch.where(cache_position[0] == 0, found.expand(buf.shape), buf))
+    return buf
 
 
 def store_h2o_token(k, v, cache_position, attn_mask, recipe, capacity, state) -> torch.Tensor:
@@ -385,7 +403,7 @@ def store_h2o_token(k, v, cache_position, attn_mask, recipe, capacity, state) ->
     b, h = k.shape[:2]
     _, recent, sinks = recipe.h2o.budget(capacity)
     positions, scores = state["h2o.positions"], state["h2o.scores"]
-    start = first_positions(attn_mask, cache_position, capacity, b)
+    start = row_starts(attn_mask, cache_position, capacity, state)
     slot = h2o.choose_slot(scores, positions, cache_position, recent, sinks, start)  # [B, H]
     for part, x, spec in (("key", k, recipe.key), ("value", v, recipe.value)):
         for f, t in compress_chunk(x.to(kept_dtype(recipe, k.dtype)), spec, recipe).items():  # t [B, H, 1, ...]
@@ -397,17 +415,26 @@ def store_h2o_token(k, v, cache_position, attn_mask, recipe, capacity, state) ->
     return slot
 
 
-def write_sinks(state, k, v, cache_position, sinks: int, kept) -> None:
-    """Copy the new tokens at positions < sinks into sink.key / sink.value [B, H, sinks, D].
+def write_sinks(state, k, v, cache_position, start, count: int, kept) -> None:
+    """Copy the new tokens that are sinks (each row's first `count` real tokens, from start [B])
+    into sink.key / sink.value [B, H, count, D].
 
     Without data-dependent control flow: each sink slot takes the new token at its position if
     there is one, else keeps what it holds (a gather and a select: exact)."""
-    hit = cache_position[None, :] == torch.arange(sinks, device=cache_position.device)[:, None]  # [S, L]
-    src = hit.int().argmax(dim=1)  # [S]: index of the new token at that position (0 if none)
-    here = hit.any(dim=1)[:, None]  # [S, 1]
+    hit = cache_position[None, None, :] == sink_positions(start, count)[:, :, None]  # [B, S, L]
+    src = hit.int().argmax(dim=-1)  # [B, S]: index of the new token at that position (0 if none)
+    here = hit.any(dim=-1)[:, None, :, None]  # [B, 1, S, 1]
     for part, x in (("key", k), ("value", v)):
         buf = state[f"sink.{part}"]
-        buf.copy_(torch.where(here, x.index_select(2, src).to(kept), buf))
+        new = x.gather(2, src[:, None, :, None].expand(*x.shape[:2], count, x.shape[-1]))
+        buf.copy_(torch.where(here, new.to(kept), buf))
+
+
+def closing_skip(slot: torch.Tensor, window: int, start: torch.Tensor, count: int) -> torch.Tensor:
+    """[B, 1, window, 1]: the tokens of the chunk closing into `slot` [1] that its compression
+    leaves out (`held_elsewhere`: padding, and sinks among its first `count` tokens)."""
+    pos = slot * window + torch.arange(window, device=slot.device)
+    return held_elsewhere(pos[None], start, count)[:, None, :, None]
 
 
 def _attend_h2o(q, k, v, cache_position, attn_mask, scale, recipe, capacity, state):
@@ -441,9 +468,10 @@ def _attend_h2o(q, k, v, cache_position, attn_mask, scale, recipe, capacity, sta
     if length == 1:
         scores.copy_(h2o.accumulate(scores, mass))
     else:
-        real = bias[:, 0, 0, -1] > torch.finfo(q.dtype).min / 2  # [B, L]: what the last query may see
+        real = real_tokens(attn_mask, cache_position, capacity).expand(b, length)
+        start = row_starts(attn_mask, cache_position, capacity, state)
         token_scores = h2o.prefill_scores(mass, h, recipe.h2o.observe, real)
-        keep = h2o.keep_after_prefill(token_scores, heavy, recent, sinks, real.int().argmax(-1))  # [B, H, S]
+        keep = h2o.keep_after_prefill(token_scores, heavy, recent, sinks, start)  # [B, H, S]
         src = keep.clamp_min(0)
         for part, x, spec in (("key", k, recipe.key), ("value", v, recipe.value)):
             tokens = x.gather(2, src[..., None].expand(b, h, src.shape[-1], d))

@@ -200,7 +200,7 @@ def _online(s, m_i, l_i, acc):
 @triton.jit
 def _decode_kernel(
     Q, KC, KS, KM, KA, KB, KOV, KOI, VC, VS, VM, VA, VB, VOV, VOI,
-    WK, WV, FK, FV, SK, SV, MASK, POS, CPOS, SLOT,
+    WK, WV, FK, FV, SK, SV, START, MASK, POS, CPOS, SLOT,
     M_OUT, L_OUT, ACC_OUT, LOGITS,
     sm_scale, T, mask_stride, split_len,
     H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
@@ -255,7 +255,10 @@ def _decode_kernel(
             inside = tok < end
             if POSITIONAL:
                 posn = tok
-                ok = inside & (tok < closed) & (tok >= NSINK)
+                ok = inside & (tok < closed)
+                if NSINK > 0:  # the row's sinks are attended from the sink buffer
+                    row_start = tl.load(START + b)
+                    ok = ok & ((tok < row_start) | (tok >= row_start + NSINK))
             else:  # H2O slots: a position per slot, -1 when empty; the newest is attended exactly
                 posn = tl.load(POS + bh * T + tok, mask=inside, other=-1)
                 ok = inside & (posn >= 0) & (posn != cpos)
@@ -307,10 +310,11 @@ def _decode_kernel(
         if POSITIONAL:
             first = cpos // C * C  # position of the window's first token
             if NSINK > 0:
-                count = tl.where(first > 0, NSINK, 0)  # while chunk 0 is the window, it holds them
+                row_start = tl.load(START + b)
                 for f0 in range(0, NSINK, BLOCK_F):
-                    ok = f0 + i < count
-                    bias = _mask_bias(mask_row, f0 + i, ok, MASK_KIND)
+                    posn = row_start + f0 + i
+                    ok = (f0 + i < NSINK) & (posn < first)  # the window holds the later ones
+                    bias = _mask_bias(mask_row, posn, ok, MASK_KIND)
                     rows = (bh * NSINK + f0 + i)[:, None] * D + d[None, :]
                     k = tl.load(SK + rows, mask=ok[:, None], other=0.0)
                     s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT) * sm_scale + bias[None, :]
@@ -460,7 +464,7 @@ def attention(
     ncb = max(1, block // c)
     _decode_kernel[(b * h, parts)](
         q.reshape(b, h, g, d).contiguous(), *kt, *vt, window_k, window_v, fresh_k, fresh_v, *sinks,
-        mask, positions,
+        state["row.start"], mask, positions,
         cache_position, slot, m_part, l_part, acc_part, logits,
         scale, t, mask_stride, split_len,
         H=h, G=g, G_PAD=g_pad, D=d, BLOCK_T=block, C=c, NCB=ncb, SPLITS=splits,
@@ -502,17 +506,18 @@ def _decode(q, k, v, cache_position, attn_mask, scale, recipe, capacity, state):
         scores.copy_(h2o.accumulate(scores, probs))
         return out
     c, kept = recipe.window, kept_dtype(recipe, q.dtype)
+    start = reference.row_starts(attn_mask, cache_position, slots(recipe, capacity)[0] * c, state)
     if recipe.sinks:
-        reference.write_sinks(state, k, v, cache_position, recipe.sinks, kept)
+        reference.write_sinks(state, k, v, cache_position, start, recipe.sinks, kept)
     for part, x in (("key", k), ("value", v)):
         state[f"window.{part}"].index_copy_(2, cache_position % c, x.to(kept))
     out, _ = attention(q, state, recipe, capacity, cache_position, attn_mask, scale, k, v)
     position = int(cache_position[0])  # which steps close a chunk is host-side control flow
     if position % c == c - 1:
         slot = cache_position // c
-        skip = (position - c + 1 + torch.arange(c, device=q.device) < recipe.sinks)[:, None]
+        skip = reference.closing_skip(slot, c, start, recipe.sinks)
         for part in ("key", "value"):
             window = state[f"window.{part}"]
-            fields = reference.compress_chunk(window, getattr(recipe, part), recipe, skip if recipe.sinks else None)
+            fields = reference.compress_chunk(window, getattr(recipe, part), recipe, skip)
             reference.write_slots(state, part, {f: t[:, :, None] for f, t in fields.items()}, slot)
     return out
