@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 
 from gearfx.compress import gear, h2o, quantize, rotation
-from gearfx.compress.sinks import held_elsewhere, is_sink, sink_positions
 from gearfx.compress.gear import Chunk
 from gearfx.compress.layout import kept_dtype, slots
+from gearfx.compress.sinks import held_elsewhere, is_sink, sink_positions
 from gearfx.ops import codes
 from gearfx.recipes import Recipe, TensorSpec
 
@@ -340,7 +340,8 @@ def _attend_one(q, k, v, cache_position, start, attn_mask, scale, recipe, capaci
               (q4 @ kwin.mT * scale + bias.gather(-1, in_window.expand(*bias.shape[:3], c))).masked_fill(~windowed, neg)]
     if recipe.sinks:  # sinks before the window (the window holds the others)
         at = sink_positions(start, recipe.sinks)  # [B, sinks]
-        sink_bias = bias.expand(b, 1, 1, tokens).gather(-1, at.clamp_max(tokens - 1)[:, None, None])
+        at_bias = at.clamp_max(tokens - 1)[:, None, None].expand(b, bias.shape[1], 1, recipe.sinks)
+        sink_bias = bias.expand(b, -1, -1, -1).gather(-1, at_bias)
         sunk = (at < first)[:, None, None]
         logits.append((q4 @ state["sink.key"].float().mT * scale + sink_bias).masked_fill(~sunk, neg))
     probs = torch.cat(logits, dim=-1).softmax(dim=-1).split([tokens, c] + ([recipe.sinks] if recipe.sinks else []), -1)
