@@ -11,7 +11,9 @@ demo: $(STAMP)
 
 # test_executorch.py runs in the export environment (test-export, below): optimum-executorch cannot share .venv.
 test: $(STAMP) test-export
-	$(PY) -m pytest -q --durations=10 --ignore=tests/test_executorch.py
+	# one worker per core, a test file per worker (module fixtures load the model once): most of the
+	# time goes to single-threaded export and Inductor compilation, which a second process overlaps
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile --durations=10 --ignore=tests/test_executorch.py
 	mkdir -p .benchmarks
 	$(PY) -m pytest -q -p no:logging bench/ --quick --benchmark-json .benchmarks/quick.json
 	$(PY) -m gearfx bench check .benchmarks/quick.json --baseline results/bench/quick-baseline.json

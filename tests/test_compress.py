@@ -177,7 +177,7 @@ def test_layer_overrides_change_that_layer_only():
 
 def test_accumulate_sums_query_heads_of_each_kv_group():
     attn = torch.rand(2, 6, 3, 10)  # 6 query heads, 3 KV heads: groups of 2
-    s = h2o.accumulate(torch.zeros(2, 3, 10), attn)
+    s = h2o.accumulate(torch.zeros(2, 3, 10), attn, 1.0)
     assert torch.allclose(s[:, 1], attn[:, 2:4].sum(dim=(1, 2)))
 
 
@@ -202,7 +202,7 @@ def test_h2o_keeps_its_budget_sinks_recent_and_evicts_the_lowest(heavy, recent, 
         positions = positions.scatter(-1, slot[..., None], p)
         scores = scores.scatter(-1, slot[..., None], 0.0)
         real = (positions >= start[:, None, None]) & (p >= start)[:, None, None]
-        scores = h2o.accumulate(scores, torch.rand(b, h, 1, budget, generator=g) * real[:, :, None])
+        scores = h2o.accumulate(scores, torch.rand(b, h, 1, budget, generator=g) * real[:, :, None], 1.0)
         for row in range(b):
             kept = positions[row][positions[row] != h2o.EMPTY].view(h, -1)
             assert kept.shape[-1] == min(p + 1, budget)
@@ -224,8 +224,8 @@ def test_prefill_scores_are_h2os_sum_or_the_larger_of_it_and_the_pooled_observat
     attn[:, :, -window:, 3] += 0.9
     real = torch.ones(1, length, dtype=torch.bool)
     full = attn.sum(dim=(1, 2))[0]  # [L]: every query's mass, summed
-    assert torch.allclose(h2o.prefill_scores(attn, 1, 0, real)[0, 0], full)
-    scores = h2o.prefill_scores(attn, 1, window, real)[0, 0]
+    assert torch.allclose(h2o.prefill_scores(attn, 1, 0, 1.0, real)[0, 0], full)
+    scores = h2o.prefill_scores(attn, 1, window, 1.0, real)[0, 0]
     observed = attn[0, :, -window:].sum(dim=(0, 1))
     pos = torch.arange(length)
     near = (pos[:, None] - pos[None, :]).abs() <= h2o.POOL // 2  # [L, L]: within each other's pool
@@ -235,14 +235,26 @@ def test_prefill_scores_are_h2os_sum_or_the_larger_of_it_and_the_pooled_observat
     assert (scores[4:end] > full[4:end]).all()  # the neighbours of what the end asked for gain
 
 
+def test_decayed_prefill_scores_are_the_decode_steps_scores():
+    """A prompt scored at once gets the scores it would have had decoded one token at a time."""
+    length, decay = 12, 0.8
+    attn = causal_attention(length)
+    stepwise = torch.zeros(1, 1, length)
+    for i in range(length):
+        stepwise = h2o.accumulate(stepwise, attn[:, :, i:i + 1], decay)
+    real = torch.ones(1, length, dtype=torch.bool)
+    assert torch.allclose(h2o.prefill_scores(attn, 1, 0, decay, real), stepwise)
+    assert not torch.allclose(h2o.prefill_scores(attn, 1, 0, 1.0, real), stepwise)
+
+
 def test_prefill_scores_of_a_left_padded_row_are_the_rows_alone():
     length, pads = 16, 5
     alone = causal_attention(length - pads)
     padded = torch.zeros(1, 2, length, length)
     padded[:, :, pads:, pads:] = alone
     real = torch.arange(length)[None] >= pads
-    got = h2o.prefill_scores(padded, 1, 4, real)[..., pads:]
-    assert torch.allclose(got, h2o.prefill_scores(alone, 1, 4, torch.ones(1, length - pads, dtype=torch.bool)))
+    got = h2o.prefill_scores(padded, 1, 4, 0.9, real)[..., pads:]
+    assert torch.allclose(got, h2o.prefill_scores(alone, 1, 4, 0.9, torch.ones(1, length - pads, dtype=torch.bool)))
 
 
 def test_keep_after_prefill():

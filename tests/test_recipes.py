@@ -73,6 +73,8 @@ def test_h2o_budget_in_tokens_and_fractions():
     ({"h2o": {"heavy": -3, "recent": 1}}, "h2o.heavy", "token count"),
     ({"h2o": {"heavy": 1, "recent": 1, "sinks": 0.5}}, "h2o.sinks", "integer >= 0"),
     ({"h2o": {"heavy": 1, "recent": 1, "observe": -8}}, "h2o.observe", "integer >= 0"),
+    ({"h2o": {"heavy": 1, "recent": 1, "decay": 0}}, "h2o.decay", "number in (0, 1]"),
+    ({"h2o": {"heavy": 1, "recent": 1, "decay": 1.5}}, "h2o.decay", "number in (0, 1]"),
     ({"h2o": {"heavy": 1, "recent": 1}, "key": {"bits": 4, "axis": "channel"}}, "key.axis", "'token' with h2o"),
     ({"h2o": {"heavy": 1, "recent": 1}, "key": {"bits": 4, "axis": "token", "rank": 1}}, "key.rank", "0 with h2o"),
     ({"layers": {0: {"key": {"bits": 1}}}}, "layers.0.key.bits", "2, 3, 4"),

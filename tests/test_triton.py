@@ -37,7 +37,7 @@ CASES = {
                             value={"bits": 2, "axis": "token", "group": 16}),
     "k7-v16": _recipe(window=32, key={"bits": 7, "axis": "channel", "group": 32}, value={"bits": 16}),
     "h2o": _recipe(h2o={"heavy": 12, "recent": 8, "sinks": 2}),
-    "h2o-4bit": _recipe(h2o={"heavy": 12, "recent": 8, "sinks": 2},
+    "h2o-4bit": _recipe(h2o={"heavy": 12, "recent": 8, "sinks": 2, "decay": 0.95},
                         key={"bits": 4, "axis": "token", "group": 16, "outliers": 0.06},
                         value={"bits": 2, "axis": "token", "group": 32, "outliers": 0.03}),
 }

@@ -2,7 +2,7 @@
 
 The cache has S = sinks + heavy + recent slots per (batch, KV head). Each slot remembers the
 sequence position of the token in it (-1 while empty) and the attention mass that token has
-received so far. A new token takes an empty slot while there is one; after that it overwrites the
+received so far (`h2o.decay` < 1: older mass fades). A new token takes an empty slot while there is one; after that it overwrites the
 slot of the lowest-score token that is neither a sink nor among the `recent` newest. Shapes never
 change, so eviction compiles without recompiles.
 """
@@ -17,39 +17,46 @@ EMPTY = -1
 POOL = 9  # span of a pooled observation score; SnapKV's 5 kept 3 of a pass key's 5 digits
 
 
-def accumulate(scores: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-    """Add attention mass to the slot scores.
+def accumulate(scores: torch.Tensor, attn: torch.Tensor, decay: float) -> torch.Tensor:
+    """Add a decode step's attention mass to the slot scores, older mass scaled by `decay`.
 
     scores [B, H, S] fp32; attn [B, Hq, L, S] probabilities of Hq = H * g query heads (GQA groups
-    of g consecutive heads share a KV head) over the S slots, for L query positions.
-    Returns scores + attn summed over queries and over each KV head's query heads.
+    of g consecutive heads share a KV head) over the S slots, for L queries (decode: L = 1).
+    Returns decay * scores + attn summed over queries and each KV head's query heads: with decay 1
+    H2O's sum of all mass received so far, below 1 mostly the mass of the last 1 / (1 - decay) queries.
     """
+    return decay * scores + _per_kv_head(attn, scores.shape[1]).sum(dim=2)
+
+
+def _per_kv_head(attn: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """attn [B, Hq, L, S] -> [B, H, L, S], summed over each KV head's query heads."""
     b, hq, l, s = attn.shape
-    h = scores.shape[1]
-    return scores + attn.float().reshape(b, h, hq // h, l, s).sum(dim=(2, 3))
+    return attn.float().reshape(b, kv_heads, hq // kv_heads, l, s).sum(dim=2)
 
 
-def prefill_scores(attn: torch.Tensor, kv_heads: int, observe: int, real: torch.Tensor) -> torch.Tensor:
+def prefill_scores(attn: torch.Tensor, kv_heads: int, observe: int, decay: float,
+                   real: torch.Tensor) -> torch.Tensor:
     """Scores [B, H, L] fp32 of L prompt tokens after a causal prefill, on the scale of
-    accumulated attention mass (decode steps add theirs to it).
+    accumulated attention mass (decode steps add theirs to it, `accumulate`).
 
     attn [B, Hq, L, L] probabilities of the prompt's queries; real [B, L] bool: prompt tokens, not
     left padding (padding neither takes nor dilutes a pooled score, so a padded row keeps what it
     would keep alone). observe = 0: each token's mass summed
-    over every prompt query, as H2O does; that keeps what the whole text leans on, but not what
+    over every prompt query, as H2O does (query i's scaled by decay ** (L - 1 - i), as if the
+    prompt had been decoded one token at a time); that keeps what the whole text leans on, but not what
     the prompt's end (a question) asks for when the rest of the prompt ignored it. observe > 0:
     the larger of that sum and SnapKV's score, the mass from the last `observe` queries averaged
     over POOL neighbouring tokens (so a span, e.g. a number's digits, is kept whole) and rescaled
     to the same total: a token stays if either ranks it heavy.
     """
     b, _, length, _ = attn.shape
-    zeros = attn.new_zeros(b, kv_heads, length, dtype=torch.float32)
-    attn = attn * real[:, None, :, None]  # padding queries attend to nothing
-    full = accumulate(zeros, attn)
+    attn = _per_kv_head(attn * real[:, None, :, None], kv_heads)  # padding queries attend to nothing
+    age = torch.arange(length - 1, -1, -1, device=attn.device, dtype=torch.float32)
+    full = (attn * (decay ** age)[:, None]).sum(dim=2)
     if observe == 0:
         return full.masked_fill(~real[:, None], -1.0)  # padding ranks below every token
     last = torch.arange(length, device=attn.device) >= length - observe  # a mask, not a slice: no shape guard
-    observed = accumulate(zeros, attn * last[:, None])
+    observed = (attn * last[:, None]).sum(dim=2)
     real = real[:, None].float()  # [B, 1, L]
     window = dict(kernel_size=POOL, stride=1, padding=POOL // 2)
     pool = torch.nn.functional.avg_pool1d

@@ -467,11 +467,11 @@ def _attend_h2o(q, k, v, cache_position, attn_mask, scale, recipe, capacity, sta
     out = (probs @ values[:, :, None].float()).to(q.dtype).reshape(b, hq, length, d)
     mass = probs.reshape(b, hq, length, -1)
     if length == 1:
-        scores.copy_(h2o.accumulate(scores, mass))
+        scores.copy_(h2o.accumulate(scores, mass, recipe.h2o.decay))
     else:
         real = real_tokens(attn_mask, cache_position, capacity).expand(b, length)
         start = row_starts(attn_mask, cache_position, capacity, state)
-        token_scores = h2o.prefill_scores(mass, h, recipe.h2o.observe, real)
+        token_scores = h2o.prefill_scores(mass, h, recipe.h2o.observe, recipe.h2o.decay, real)
         keep = h2o.keep_after_prefill(token_scores, heavy, recent, sinks, start)  # [B, H, S]
         src = keep.clamp_min(0)
         for part, x, spec in (("key", k, recipe.key), ("value", v, recipe.value)):

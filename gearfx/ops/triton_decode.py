@@ -503,7 +503,7 @@ def _decode(q, k, v, cache_position, attn_mask, scale, recipe, capacity, state):
         slot = reference.store_h2o_token(k, v, cache_position, attn_mask, recipe, capacity, state)
         out, probs = attention(q, state, recipe, capacity, cache_position, attn_mask, scale, k, v, slot)
         scores = state["h2o.scores"]
-        scores.copy_(h2o.accumulate(scores, probs))
+        scores.copy_(h2o.accumulate(scores, probs, recipe.h2o.decay))
         return out
     c, kept = recipe.window, kept_dtype(recipe, q.dtype)
     start = reference.row_starts(attn_mask, cache_position, slots(recipe, capacity)[0] * c, state)

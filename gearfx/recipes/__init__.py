@@ -70,12 +70,17 @@ class H2O:
     observe: a prompt token is also kept when the prompt's last `observe` queries attend to it
         (SnapKV's observation window, pooled over neighbouring tokens); 0 scores prompt tokens by
         every prompt query only, as H2O does (`compress.h2o.prefill_scores`).
+    decay: each step scales the mass a token has received so far by `decay` before adding the
+        new query's (`compress.h2o.accumulate`). 1 is H2O's sum, which favours tokens that have
+        been in the cache longest; below 1 a token's score is mostly the mass of the last
+        1 / (1 - decay) queries.
     """
 
     heavy: int | float
     recent: int | float
     sinks: int = 0
     observe: int = 0
+    decay: float = 1.0
 
     def budget(self, capacity: int) -> tuple[int, int, int]:
         """(heavy, recent, sinks) in tokens for a cache of `capacity` tokens."""
@@ -221,7 +226,7 @@ def _tensor_spec(recipe: str, path: str, data: Mapping, base: TensorSpec, window
 def _h2o(recipe: str, data: Any) -> H2O | None:
     if data is None:
         return None
-    _check_keys(recipe, "h2o", data, ("heavy", "recent", "sinks", "observe"))
+    _check_keys(recipe, "h2o", data, ("heavy", "recent", "sinks", "observe", "decay"))
     for k in ("heavy", "recent"):
         if k not in data:
             raise RecipeError(f"recipe {recipe!r}: field 'h2o.{k}' is missing; it is required with h2o")
@@ -234,7 +239,10 @@ def _h2o(recipe: str, data: Any) -> H2O | None:
     observe = data.get("observe", 0)
     if not _is_int(observe) or observe < 0:
         raise _fail(recipe, "h2o.observe", observe, "an integer >= 0 (0: every prompt query)")
-    return H2O(heavy=data["heavy"], recent=data["recent"], sinks=sinks, observe=observe)
+    decay = data.get("decay", 1.0)
+    if not ((_is_float(decay) or _is_int(decay)) and 0 < decay <= 1):
+        raise _fail(recipe, "h2o.decay", decay, "a number in (0, 1] (1: H2O's sum)")
+    return H2O(heavy=data["heavy"], recent=data["recent"], sinks=sinks, observe=observe, decay=float(decay))
 
 
 _LAYER_FIELDS = ("key", "value", "window", "loops", "h2o")
