@@ -10,9 +10,9 @@ demo: $(STAMP)
 	$(PY) -m gearfx demo
 
 # test_executorch.py runs in the export environment (test-export, below): optimum-executorch cannot share .venv.
+# The unit tests: one worker per core, a test file per worker (module fixtures load the model once);
+# most of their time is single-threaded export and Inductor compilation, which a second process overlaps.
 test: $(STAMP) test-export
-	# one worker per core, a test file per worker (module fixtures load the model once): most of the
-	# time goes to single-threaded export and Inductor compilation, which a second process overlaps
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile --durations=10 --ignore=tests/test_executorch.py
 	mkdir -p .benchmarks
 	$(PY) -m pytest -q -p no:logging bench/ --quick --benchmark-json .benchmarks/quick.json
