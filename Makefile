@@ -34,7 +34,8 @@ quality: $(STAMP)
 	wait $$job
 	$(PY) -m gearfx merge results/quality/part1.json results/quality/part2.json --json results/quality.json
 	$(PY) -m gearfx plot results/quality.json --out results/pareto.png \
-		--extra "HF QuantizedCache=results/quality/peers.json"
+		--extra "HF QuantizedCache=results/quality/peers.json" \
+		--extra "kvpress=results/quality/peers-kvpress.json"  # made in kvpress's environment (README)
 	OMP_NUM_THREADS=1 $(PY) -m gearfx passkey --model smollm2-135m --recipe lossless --recipe compact \
 		--recipe gear-4bit --recipe kivi-4bit --recipe gear-4bit-h2o --recipe h2o \
 		--lengths 1000,4000 --depths 0.1,0.5,0.9 --json results/passkey.json
