@@ -2,9 +2,9 @@
 
 The cache has S = sinks + heavy + recent slots per (batch, KV head). Each slot remembers the
 sequence position of the token in it (-1 while empty) and the attention mass that token has
-received so far (`h2o.decay` < 1: older mass fades). A new token takes an empty slot while there is one; after that it overwrites the
-slot of the lowest-score token that is neither a sink nor among the `recent` newest. Shapes never
-change, so eviction compiles without recompiles.
+received so far (`h2o.decay` < 1: older mass fades). A new token takes an empty slot while there
+is one; after that it overwrites the slot of the lowest-score token that is neither a sink nor
+among the `recent` newest. Shapes never change, so eviction compiles without recompiles.
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ def prefill_scores(attn: torch.Tensor, kv_heads: int, observe: int, decay: float
     left padding (padding neither takes nor dilutes a pooled score, so a padded row keeps what it
     would keep alone). observe = 0: each token's mass summed
     over every prompt query, as H2O does (query i's scaled by decay ** (L - 1 - i), as if the
-    prompt had been decoded one token at a time); that keeps what the whole text leans on, but not what
-    the prompt's end (a question) asks for when the rest of the prompt ignored it. observe > 0:
+    prompt had been decoded one token at a time); that keeps what the whole text leans on, but
+    not what the prompt's end (a question) asks for when the rest of the prompt ignored it. observe > 0:
     the larger of that sum and SnapKV's score, the mass from the last `observe` queries averaged
     over POOL neighbouring tokens (so a span, e.g. a number's digits, is kept whole) and rescaled
     to the same total: a token stays if either ranks it heavy.
