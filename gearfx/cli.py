@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import sys
 from pathlib import Path
@@ -151,11 +152,11 @@ def evaluate(
         ids = ev.read_tokens(tokenizer, text, prefill + tokens)
     except (FileNotFoundError, ValueError) as e:
         _fail(str(e))
-    capacity = prefill + tokens
+    decoder = gearfx.capture(lm, max_cache_len=prefill + tokens, batch_size=1)
     bar = tqdm(total=len(set(names) | {ev.REFERENCE}), desc="compiling recipes", unit="recipe")
 
     def factory(r: str):
-        gm = gearfx.compile(lm, r, max_cache_len=capacity, batch_size=1, backend_compile=compile)
+        gm = gearfx.compile(decoder, r, backend_compile=compile)
         bar.update()
         return gm
 
@@ -301,8 +302,8 @@ def passkey(
     if limit is not None and max(length_list) + pk.ANSWER_TOKENS > limit:
         _fail(f"length {max(length_list)} + {pk.ANSWER_TOKENS} answer tokens exceeds the model's "
               f"max_position_embeddings={limit}")
-    trials_out = pk.run(lambda r, cap: gearfx.compile(lm, r, max_cache_len=cap, batch_size=1,
-                                                      backend_compile=compile),
+    capture = functools.lru_cache(maxsize=1)(lambda cap: gearfx.capture(lm, max_cache_len=cap, batch_size=1))
+    trials_out = pk.run(lambda r, cap: gearfx.compile(capture(cap), r, backend_compile=compile),
                         tokenizer, names, length_list, depth_list, trials=trials, seed=seed)
     print(pk.table(trials_out))
     if json_out is not None:
@@ -328,7 +329,8 @@ def demo(
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     typer.secho(f"== {model} with recipe {recipe!r} (compiling with Inductor)", bold=True)
     capacity = max(prefill + tokens, 256)
-    compiled = ev.compile_all(lambda r: gearfx.compile(lm, r, max_cache_len=capacity, batch_size=1), [recipe])
+    decoder = gearfx.capture(lm, max_cache_len=capacity, batch_size=1)
+    compiled = ev.compile_all(lambda r: gearfx.compile(decoder, r), [recipe])
     for name, gm in compiled.items():
         out = gm.generate(ids, max_new_tokens=24)
         print(f"[{name}] {tokenizer.decode(out[0], skip_special_tokens=True)!r}")
@@ -340,8 +342,9 @@ def demo(
         _fail(str(e))
     print(ev.table(ev.evaluate(compiled, sample, prefill)))
     typer.secho(f"\n== memory of the caches as allocated, at {MEMORY_CAPACITY} tokens", bold=True)
+    decoder = gearfx.capture(lm, max_cache_len=MEMORY_CAPACITY, batch_size=1)
     for name in compiled:  # the window is a fixed cost, so show a realistic capacity
-        gm = gearfx.compile(lm, name, max_cache_len=MEMORY_CAPACITY, batch_size=1, backend_compile=False)
+        gm = gearfx.compile(decoder, name, backend_compile=False)
         print(gm.memory_report())
 
 

@@ -143,13 +143,32 @@ def test_padding_never_reaches_the_real_tokens(family, recipe):
         torch.testing.assert_close(x, y, atol=1e-5, rtol=0)
 
 
+def test_a_captured_decoder_compiles_each_recipe_as_the_model_does():
+    model = tiny.hf("llama")
+    ids, _ = padded_batch(batch=1)
+    decoder = gearfx.capture(model, max_cache_len=144, batch_size=1)  # gear-4bit closes 2 chunks, h2o evicts ~55 times
+    names = ("fp16", "gear-4bit", "gear-4bit-h2o")
+    shared = [gearfx.compile(decoder, r, backend_compile=False) for r in names]  # stepped in lockstep
+    alone = [gearfx.compile(model, r, max_cache_len=144, batch_size=1, backend_compile=False) for r in names]
+    tok = ids[:, -1:]
+    for step in range(144 - PROMPT_LEN):
+        for a, b in zip(shared, alone):
+            got, want = (a.prefill(ids), b.prefill(ids)) if step == 0 else (a.decode(tok), b.decode(tok))
+            assert torch.equal(got, want), (a.recipe.name, step)
+        tok = got[:, -1:].argmax(-1)
+    assert "key_cache_0" in decoder.program.constants  # the captured program is left as it was
+    with pytest.raises(ValueError, match="max_cache_len=64, but the decoder was captured with max_cache_len=144"):
+        gearfx.compile(decoder, "fp16", max_cache_len=64)
+
+
 def test_gear_4bit_logits_stay_close_to_fp16():
     model = tiny.hf("llama")
     ids, _ = padded_batch(batch=1)
-    fp = gearfx.compile(model, "fp16", max_cache_len=160, batch_size=1, backend_compile=False)
+    decoder = gearfx.capture(model, max_cache_len=160, batch_size=1)
+    fp = gearfx.compile(decoder, "fp16", backend_compile=False)
     errs = {}
     for name in ("kivi-4bit", "gear-4bit", "gear-2bit"):
-        gm = gearfx.compile(model, name, max_cache_len=160, batch_size=1, backend_compile=False)
+        gm = gearfx.compile(decoder, name, backend_compile=False)
         a, b = [fp.prefill(ids)[:, -1]], [gm.prefill(ids)[:, -1]]
         for _ in range(140):
             tok = a[-1].argmax(-1, keepdim=True)

@@ -33,7 +33,8 @@ def scored(smollm2):
     """fp16 and compressed recipes scored on 96 tokens after a 160-token prefill."""
     model, tok = smollm2
     ids = ev.read_tokens(tok, TEXT, 256)
-    compiled = ev.compile_all(lambda r: gearfx.compile(model, r, max_cache_len=256, batch_size=1, backend_compile=False),
+    decoder = gearfx.capture(model, max_cache_len=256, batch_size=1)
+    compiled = ev.compile_all(lambda r: gearfx.compile(decoder, r, backend_compile=False),
                               ["kivi-4bit", "gear-4bit", "gear-2bit", "lossless", "balanced", "compact",
                                "gear-4bit-h2o"])
     return ids, {r.recipe: r for r in ev.evaluate(compiled, ids, prefill=160, progress=False)}
@@ -88,8 +89,8 @@ def test_eval_text_errors(smollm2, tmp_path):
 def test_memory_targets_at_4096_tokens(smollm2):
     """The compiled real model's allocated state (sink buffers included) against an fp16 cache."""
     model, _ = smollm2
-    reports = {name: gearfx.compile(model, name, max_cache_len=4096, batch_size=1,
-                                    backend_compile=False).memory_report()
+    decoder = gearfx.capture(model, max_cache_len=4096, batch_size=1)
+    reports = {name: gearfx.compile(decoder, name, backend_compile=False).memory_report()
                for name in ("lossless", "balanced", "compact", "gear-4bit", "gear-2bit")}
     ratio = {name: r.ratio for name, r in reports.items()}
     assert ratio["lossless"] <= 0.33 and ratio["compact"] <= 0.22, ratio
