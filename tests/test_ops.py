@@ -47,3 +47,34 @@ def test_attend_kernel_fake_matches_real(recipe, length):
     args = (q, k, v, torch.arange(length), mask, 0.125, cfg.to_json(), state)
     torch.library.opcheck(torch.ops.gearfx.attend_kernel.default, args,
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def test_h2o_window_tokens_are_attended_exactly():
+    """A compressing H2O cache attends its `window` newest tokens from full precision: with every
+    token in the window (and none evicted) a 2-bit cache attends like the exact one (to fp16
+    rounding), and with a
+    shorter window it does not."""
+    from gearfx.compress.layout import allocate, cache_layout
+    from gearfx.ops import reference
+    from gearfx.recipes import parse_recipe
+
+    b, h, d, capacity, prompt = 1, 2, 32, 24, 16
+    g = torch.Generator().manual_seed(0)
+    k, v = torch.randn(b, h, capacity, d, generator=g), torch.randn(b, h, capacity, d, generator=g)
+    q = torch.randn(b, h, capacity, d, generator=g)
+    outs = {}
+    for window in (capacity, 4):
+        recipe = parse_recipe({"name": "w", "window": window, "key": {"bits": 2, "axis": "token", "group": 32},
+                               "value": {"bits": 2, "axis": "token", "group": 32},
+                               "h2o": {"heavy": 0, "recent": capacity, "sinks": 0}})
+        state = allocate(cache_layout(recipe, b, h, d, capacity, torch.float32))
+        reference.attend(q[:, :, :prompt], k[:, :, :prompt], v[:, :, :prompt], torch.arange(prompt), None, 0.25,
+                         recipe, capacity, state)
+        outs[window] = torch.cat([reference.attend(q[:, :, p:p + 1], k[:, :, p:p + 1], v[:, :, p:p + 1],
+                                                   torch.tensor([p]), None, 0.25, recipe, capacity, state)
+                                  for p in range(prompt, capacity)], dim=2)
+    causal = torch.ones(capacity, capacity, dtype=torch.bool).tril()[prompt:]
+    exact = torch.nn.functional.scaled_dot_product_attention(q[:, :, prompt:], k.half().float(), v.half().float(),
+                                                             attn_mask=causal, scale=0.25)
+    torch.testing.assert_close(outs[capacity], exact, rtol=0, atol=1e-3)  # the newest token is not rounded
+    assert (outs[4] - exact).abs().max() > 0.05  # 2-bit codes outside the window

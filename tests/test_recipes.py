@@ -57,6 +57,20 @@ def test_h2o_budget_in_tokens_and_fractions():
         H2O(heavy=20, recent=20).budget(32)
 
 
+def test_an_h2o_window_must_fit_in_the_recent_tokens():
+    """The window's tokens are attended from full precision in place of their slots, so each must
+    still hold one: a window longer than the recent tokens is an error at the capacity that makes it so."""
+    import torch
+
+    from gearfx.compress.layout import cache_layout
+
+    data = {"name": "w", "window": 32, "key": {"bits": 4, "axis": "token"}, "value": {"bits": 4, "axis": "token"},
+            "h2o": {"heavy": 0.25, "recent": 0.25}}
+    assert "window.key" in cache_layout(parse_recipe(data), 1, 2, 64, 128, torch.float32)  # 32 recent
+    with pytest.raises(RecipeError, match=r"field 'window' = 32 .* h2o.recent resolving to 16 tokens at capacity 64"):
+        cache_layout(parse_recipe(data), 1, 2, 64, 64, torch.float32)
+
+
 @pytest.mark.parametrize("data, field, allowed", [
     ({"colour": 1}, "colour", "allowed fields"),
     ({"key": {"bits": 9}}, "key.bits", "2, 3, 4, 5, 6, 7, 8, or 16"),

@@ -64,11 +64,13 @@ def test_compressed_recipes_stay_within_bounds(scored):
         assert abs(r[name].ppl_delta_pct) < 2.0 and r[name].kl < min(0.004, r["kivi-4bit"].kl), r[name]
     assert r["gear-4bit"].kl < r["kivi-4bit"].kl, (r["gear-4bit"], r["kivi-4bit"])
     assert abs(r["compact"].ppl_delta_pct) < 8.0 and r["compact"].kl < 0.025, r["compact"]
-    # eviction from the prefill on: 140 of 256 slots. Measured +28.8% / KL 0.174 (top-1 80%); scoring
-    # prompt tokens by H2O's sum alone (h2o.observe 0) it was +9.7% / 0.133, but that evicts a pass
-    # key before the question asks for it: continuing text and retrieval want different tokens kept
+    # eviction from the prefill on: 140 of 256 slots. Measured +23.8% / KL 0.152 (top-1 85%) at 0.253x,
+    # a third of it the 16-token full-precision window (+28.8% / 0.174 at 0.190x without it, decay
+    # 0.999); scoring prompt tokens by H2O's sum alone (h2o.observe 0) it was +9.7% / 0.133, but that
+    # evicts a pass key before the question asks for it: continuing text and retrieval want
+    # different tokens kept
     h2o = r["gear-4bit-h2o"]
-    assert abs(h2o.ppl_delta_pct) < 35.0 and h2o.kl < 0.2 and h2o.kv_bytes_ratio < 0.2, h2o
+    assert abs(h2o.ppl_delta_pct) < 30.0 and h2o.kl < 0.18 and h2o.kv_bytes_ratio < 0.26, h2o
     # an fp32 model's uncompressed cache is twice an fp16 one; even at this small capacity, where
     # the fp16 window is up to half of it, a compressed cache is smaller than an fp16 one
     assert r["fp16"].kv_bytes_ratio == 2.0

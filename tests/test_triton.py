@@ -18,7 +18,6 @@ def _recipe(window=16, h2o=None, **parts):
     body.update(parts)
     if h2o:
         body["h2o"] = h2o
-        del body["window"]
     return parse_recipe(body)
 
 
@@ -37,7 +36,7 @@ CASES = {
                             value={"bits": 2, "axis": "token", "group": 16}),
     "k7-v16": _recipe(window=32, key={"bits": 7, "axis": "channel", "group": 32}, value={"bits": 16}),
     "h2o": _recipe(h2o={"heavy": 12, "recent": 8, "sinks": 2}),
-    "h2o-4bit": _recipe(h2o={"heavy": 12, "recent": 8, "sinks": 2, "decay": 0.95},
+    "h2o-4bit": _recipe(window=4, h2o={"heavy": 12, "recent": 8, "sinks": 2, "decay": 0.95},
                         key={"bits": 4, "axis": "token", "group": 16, "outliers": 0.06},
                         value={"bits": 2, "axis": "token", "group": 32, "outliers": 0.03}),
 }
@@ -72,7 +71,7 @@ RUNS = [(case, groups, "bool") for case in CASES for groups in (1, 3) if case !=
 def test_decode_matches_reference(case, groups, mask_kind):
     recipe = CASES[case]
     g = torch.Generator().manual_seed(0)
-    b, h, d, steps, w = 2, 2, 32, 6, recipe.window or 16
+    b, h, d, steps, w = 2, 2, 32, 6, recipe.window if recipe.h2o is None else 64
     capacity, prompt = 5 * w, 3 * w - 5  # the last steps close chunk 2 and read it
     pad = 0 if mask_kind == "none" else 3
     state = allocate(cache_layout(recipe, b, h, d, capacity, torch.float32))
@@ -112,6 +111,7 @@ def test_splits_agree(case):
     extra = {}
     if recipe.h2o is not None:
         extra = dict(slot=reference.store_h2o_token(k, v, cache_position, None, recipe, capacity, state))
+        reference.write_h2o_window(state, k, v, cache_position, torch.float16)
     else:
         state["window.key"][:, :, prompt % 16] = k[:, :, 0].half()
         state["window.value"][:, :, prompt % 16] = v[:, :, 0].half()

@@ -13,7 +13,9 @@ is exact.
   sink.key / sink.value [B, H, N, D], the first N positions kept exactly.
 - H2O eviction: S = sinks + heavy + recent slots of one token each, compressed one token at a time
   (so eviction can overwrite any single slot), plus h2o.scores [B, H, S] fp32 (accumulated
-  attention) and h2o.positions [B, H, S] int32 (sequence position in each slot, -1 when empty).
+  attention) and h2o.positions [B, H, S] int32 (sequence position in each slot, -1 when empty);
+  if it compresses, also window.key / window.value [B, H, window, D], the newest `window` tokens
+  in full precision (position p at index p % window), read instead of their slots.
 - Both keep row.start [B] int64, each row's first real position (its left padding's length),
   found at the sequence's start: padding is left out of compression and sinks are taken after it
   (`gearfx.compress.sinks`).
@@ -31,7 +33,7 @@ import torch
 
 from gearfx.compress.quantize import META_DTYPE, packed_size
 from gearfx.compress.sparse import index_dtype
-from gearfx.recipes import Recipe, TensorSpec
+from gearfx.recipes import Recipe, RecipeError, TensorSpec
 
 
 class Meta(NamedTuple):
@@ -102,6 +104,15 @@ def cache_layout(
             for part in ("key", "value"):
                 out[f"sink.{part}"] = Meta(lead + (recipe.sinks, head_dim), dtype)
     else:
+        if recipe.compresses:
+            recent = recipe.h2o.budget(capacity)[1]
+            if recipe.window > recent:  # a window token must still hold its slot
+                raise RecipeError(
+                    f"recipe {recipe.name!r}: field 'window' = {recipe.window} is not allowed with "
+                    f"h2o.recent resolving to {recent} tokens at capacity {capacity}; allowed: at "
+                    f"most {recent} (the window's tokens are among the recent ones)")
+            for part in ("key", "value"):
+                out[f"window.{part}"] = Meta(lead + (recipe.window, head_dim), dtype)
         out["h2o.scores"] = Meta(lead + (n,), torch.float32)
         out["h2o.positions"] = Meta(lead + (n,), torch.int32)
     out["row.start"] = Meta((batch,), torch.int64)

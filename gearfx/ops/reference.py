@@ -20,6 +20,9 @@ Every shape is static (capacity, chunk slots, H2O slots), so a decode step compi
   the cache included, works on rotated tensors and is otherwise unchanged.
 - With H2O, slots hold single tokens at arbitrary positions; the op builds its mask by gathering
   the model's mask at each slot's position, and adds the step's attention to the slot scores.
+  A compressing H2O cache also keeps its `window` newest tokens in full precision (they are
+  among the recent ones, so they also hold slots) and attends them from there, as GEAR and KIVI
+  attend their streaming window.
 """
 
 from __future__ import annotations
@@ -416,6 +419,32 @@ def store_h2o_token(k, v, cache_position, attn_mask, recipe, capacity, state) ->
     return slot
 
 
+def write_h2o_window(state, k, v, cache_position, kept) -> None:
+    """Keep the newest W tokens of an H2O cache in full precision too: window.key / window.value
+    [B, H, W, D] hold position p at index p % W, for the W positions up to the call's last.
+
+    k, v [B, H, L, D] of the call's L new tokens at cache_position [L]; indices whose position
+    is older than the call keep what they hold. Branch-free, so L can be a dynamic export dimension."""
+    w = state["window.key"].shape[2]
+    last = cache_position[-1]
+    held = last - (last - torch.arange(w, device=k.device)) % w  # [W]: the position at each index
+    new = (held >= cache_position[0])[None, None, :, None]
+    src = (held - cache_position[0]).clamp_min(0)[None, None, :, None]
+    for part, x in (("key", k), ("value", v)):
+        buf = state[f"window.{part}"]
+        buf.copy_(torch.where(new, x.gather(2, src.expand(*x.shape[:2], w, x.shape[-1])).to(kept), buf))
+
+
+def _from_window(x: torch.Tensor, window: torch.Tensor, positions: torch.Tensor,
+                 cache_position: torch.Tensor) -> torch.Tensor:
+    """x [B, H, S, D] (every slot decompressed) with the slots whose token is still in the window
+    [B, H, W, D] (the W newest positions, `write_h2o_window`) read from there instead."""
+    w = window.shape[2]
+    held = (positions.long() > cache_position - w) & (positions != h2o.EMPTY)  # [B, H, S]
+    at = (positions.long().clamp_min(0) % w)[..., None].expand(x.shape)
+    return torch.where(held[..., None], window.gather(2, at).to(x.dtype), x)
+
+
 def write_sinks(state, k, v, cache_position, start, count: int, kept) -> None:
     """Copy the new tokens that are sinks (each row's first `count` real tokens, from start [B])
     into sink.key / sink.value [B, H, count, D].
@@ -449,6 +478,10 @@ def _attend_h2o(q, k, v, cache_position, attn_mask, scale, recipe, capacity, sta
         slot = store_h2o_token(k, v, cache_position, attn_mask, recipe, capacity, state)
         keys = _decompress(state, "key", recipe.key, q.dtype).reshape(b, h, -1, d)
         values = _decompress(state, "value", recipe.value, q.dtype).reshape(b, h, -1, d)
+        if "window.key" in state:  # the newest tokens are read from the full-precision window
+            write_h2o_window(state, k, v, cache_position, kept)
+            keys, values = (_from_window(x, state[f"window.{part}"], positions, cache_position)
+                            for x, part in ((keys, "key"), (values, "value")))
         # the newest token is attended in full precision, as it would be without eviction
         at = slot[..., None, None].expand(b, h, 1, d)
         keys, values = keys.scatter(2, at, k), values.scatter(2, at, v)
@@ -479,5 +512,7 @@ def _attend_h2o(q, k, v, cache_position, attn_mask, scale, recipe, capacity, sta
             for f, t in compress_chunk(tokens[:, :, :, None].to(kept), spec, recipe).items():
                 state[f"{part}.{f}"].copy_(t.to(state[f"{part}.{f}"].dtype))
         positions.copy_(keep.to(positions.dtype))
+        if "window.key" in state:
+            write_h2o_window(state, k, v, cache_position, kept)
         scores.copy_(token_scores.gather(-1, src).masked_fill(keep == h2o.EMPTY, 0.0))
     return out

@@ -15,7 +15,7 @@ with one-hot matrices, which keeps every step a tensor-core `tl.dot`.
 
 The grid is (batch · KV heads, splits + 1): every program takes the query heads of one KV head
 (GQA/MQA for free), splits walk the compressed store flash-decoding style, and the last program
-attends the full-precision tokens (sinks, the window being filled, or H2O's newest token). A second
+attends the full-precision tokens (sinks, the window being filled, or H2O's window or newest token). A second
 kernel merges the splits' partial softmaxes. For H2O it also returns the softmax normaliser so the
 per-slot attention mass (eviction scores) costs no extra pass over the cache.
 """
@@ -259,9 +259,9 @@ def _decode_kernel(
                 if NSINK > 0:  # the row's sinks are attended from the sink buffer
                     row_start = tl.load(START + b)
                     ok = ok & ((tok < row_start) | (tok >= row_start + NSINK))
-            else:  # H2O slots: a position per slot, -1 when empty; the newest is attended exactly
+            else:  # H2O slots: a position per slot, -1 when empty; the F newest are attended exactly
                 posn = tl.load(POS + bh * T + tok, mask=inside, other=-1)
-                ok = inside & (posn >= 0) & (posn != cpos)
+                ok = inside & (posn >= 0) & (posn <= cpos - F)
             bias = _mask_bias(mask_row, posn, ok, MASK_KIND)
             k = _tile(kc, ks, km, tok, t0, T, ok, D, K_BITS, K_CHANNEL, K_GROUP, BLOCK_T)
             s = tl.dot(qk, tl.trans(k.to(q.dtype)), input_precision=DOT)
@@ -322,21 +322,25 @@ def _decode_kernel(
                     v = tl.load(SV + rows, mask=ok[:, None], other=0.0)
                     acc += tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT)
         else:
-            first = cpos
+            first = cpos - F + 1  # H2O: the F newest positions, position p at index p % F
         for f0 in range(0, F, BLOCK_F):
             posn = first + f0 + i
-            ok = (f0 + i < F) & (posn <= cpos)
+            if POSITIONAL:
+                idx = f0 + i
+                ok = (f0 + i < F) & (posn <= cpos)
+            else:  # only tokens that hold a slot (SLOT [B, H, F], -1 for none) are in the cache
+                idx = (posn + F) % F
+                slot = tl.load(SLOT + bh * F + idx, mask=f0 + i < F, other=-1)
+                ok = (f0 + i < F) & (posn >= 0) & (slot >= 0)
             bias = _mask_bias(mask_row, posn, ok, MASK_KIND)
-            rows = (bh * F + f0 + i)[:, None] * D + d[None, :]
+            rows = (bh * F + idx)[:, None] * D + d[None, :]
             # this step's token in the model's precision, not the window's 16 bits
             newest = (posn == cpos)[:, None]
             k = tl.load(WK + rows, mask=ok[:, None], other=0.0).to(tl.float32)
             k = tl.where(newest, tl.load(FK + bh * D + d).to(tl.float32)[None, :], k)
             s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT) * sm_scale + bias[None, :]
-            if STORE_LOGITS:  # H2O: the newest token's logit, at its slot
-                slot = tl.load(SLOT + bh)
-                logit = tl.sum(tl.where(i[None, :] == 0, s, 0.0), axis=1)
-                tl.store(LOGITS + (bh * G + g) * T + slot, logit, mask=gm)
+            if STORE_LOGITS:  # H2O: each token's logit, at its slot
+                tl.store(LOGITS + (bh * G + g[:, None]) * T + slot[None, :], s, mask=gm[:, None] & ok[None, :])
             p, m_i, l_i, acc = _online(s, m_i, l_i, acc)
             v = tl.load(WV + rows, mask=ok[:, None], other=0.0).to(tl.float32)
             v = tl.where(newest, tl.load(FV + bh * D + d).to(tl.float32)[None, :], v)
@@ -408,6 +412,14 @@ def _part(state: dict[str, torch.Tensor], part: str, spec: TensorSpec, chunk: in
     return tensors, consts
 
 
+def _window_slots(positions: torch.Tensor, cache_position: torch.Tensor, w: int) -> torch.Tensor:
+    """[B, H, W] int64: the slot of the token at each index of an H2O window (position p at index
+    p % W, `reference.write_h2o_window`), -1 where that token holds no slot."""
+    held = cache_position - (cache_position - torch.arange(w, device=positions.device)) % w  # [W]
+    hit = positions[..., None, :] == held[:, None]  # [B, H, W, S]
+    return torch.where(hit.any(-1), hit.int().argmax(-1), -1)
+
+
 def attention(
     q: torch.Tensor, state: dict[str, torch.Tensor], recipe: Recipe, capacity: int,
     cache_position: torch.Tensor, attn_mask: torch.Tensor | None, scale: float,
@@ -420,7 +432,7 @@ def attention(
     written (into the window, or compressed into its H2O slot); cache_position [1] int (on q's
     device); attn_mask [B|1, 1, 1, capacity] bool or additive, or None (causal); fresh_k, fresh_v
     [B, H, 1, D]: the new token, attended in the model's precision; slot [B, H]: where H2O stored
-    it. Returns (out [B, Hq, 1, D] in q's dtype, and with H2O the attention
+    it (a compressing H2O cache attends its window's tokens, this one included, from the window). Returns (out [B, Hq, 1, D] in q's dtype, and with H2O the attention
     probabilities over the slots [B, Hq, 1, S] fp32, else None).
     """
     b, hq, _, d = q.shape
@@ -440,9 +452,13 @@ def attention(
     vt, vc = _part(state, "value", recipe.value, c, q)
     fresh_k, fresh_v = fresh_k.contiguous(), fresh_v.contiguous()
     if h2o:
-        window_k, window_v, f = fresh_k, fresh_v, 1
         positions = state["h2o.positions"]
-        nsink = 0
+        if "window.key" in state:
+            window_k, window_v = state["window.key"], state["window.value"]
+            slot = _window_slots(positions, cache_position, window_k.shape[2])
+        else:
+            window_k, window_v, slot = fresh_k, fresh_v, slot[..., None]
+        f, nsink = window_k.shape[2], 0
     else:
         window_k, window_v, f = state["window.key"], state["window.value"], c
         positions, slot = q, q
@@ -501,6 +517,8 @@ def decode(
 def _decode(q, k, v, cache_position, attn_mask, scale, recipe, capacity, state):
     if recipe.h2o is not None:
         slot = reference.store_h2o_token(k, v, cache_position, attn_mask, recipe, capacity, state)
+        if "window.key" in state:
+            reference.write_h2o_window(state, k, v, cache_position, kept_dtype(recipe, q.dtype))
         out, probs = attention(q, state, recipe, capacity, cache_position, attn_mask, scale, k, v, slot)
         scores = state["h2o.scores"]
         scores.copy_(h2o.accumulate(scores, probs, recipe.h2o.decay))

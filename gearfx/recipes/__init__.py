@@ -107,7 +107,9 @@ class Recipe:
     """A complete compression configuration; see the module docstring.
 
     window: full-precision tokens kept before they are compressed; a full window is compressed as
-        one chunk and never revisited (GEAR's streaming buffer, KIVI's residual).
+        one chunk and never revisited (GEAR's streaming buffer, KIVI's residual). With h2o (which
+        compresses each token on its own) the newest `window` tokens are kept in full precision
+        as well as in their slots and attended from there; at most h2o.recent tokens.
     loops: power-iteration loops for the low-rank factors.
     seed: seed of the power iteration's starting vectors and of the rotation's sign flips, so
         compression is deterministic.
