@@ -36,7 +36,8 @@ def _decoder(model: nn.Module | Decoder, batch_size, max_cache_len) -> Decoder:
     return model
 
 
-def _rewrite(model: nn.Module | Decoder, recipe, batch_size, max_cache_len) -> tuple[Decoder, ExportedProgram, Recipe, tuple]:
+def _rewrite(model: nn.Module | Decoder, recipe, batch_size,
+             max_cache_len) -> tuple[Decoder, ExportedProgram, Recipe, tuple]:
     recipe = load_recipe(recipe)
     decoder = _decoder(model, batch_size, max_cache_len)
     sites = find_kv_sites(decoder.program)

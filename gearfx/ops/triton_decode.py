@@ -15,9 +15,9 @@ with one-hot matrices, which keeps every step a tensor-core `tl.dot`.
 
 The grid is (batch · KV heads, splits + 1): every program takes the query heads of one KV head
 (GQA/MQA for free), splits walk the compressed store flash-decoding style, and the last program
-attends the full-precision tokens (sinks, the window being filled, or H2O's window or newest token). A second
-kernel merges the splits' partial softmaxes. For H2O it also returns the softmax normaliser so the
-per-slot attention mass (eviction scores) costs no extra pass over the cache.
+attends the full-precision tokens (sinks, the window being filled, or H2O's window or newest
+token). A second kernel merges the splits' partial softmaxes. For H2O it also returns the softmax
+normaliser so the per-slot attention mass (eviction scores) costs no extra pass over the cache.
 """
 
 from __future__ import annotations
@@ -432,8 +432,9 @@ def attention(
     written (into the window, or compressed into its H2O slot); cache_position [1] int (on q's
     device); attn_mask [B|1, 1, 1, capacity] bool or additive, or None (causal); fresh_k, fresh_v
     [B, H, 1, D]: the new token, attended in the model's precision; slot [B, H]: where H2O stored
-    it (a compressing H2O cache attends its window's tokens, this one included, from the window). Returns (out [B, Hq, 1, D] in q's dtype, and with H2O the attention
-    probabilities over the slots [B, Hq, 1, S] fp32, else None).
+    it (a compressing H2O cache attends its window's tokens, this one included, from the window).
+    Returns (out [B, Hq, 1, D] in q's dtype, and with H2O the attention probabilities over the
+    slots [B, Hq, 1, S] fp32, else None).
     """
     b, hq, _, d = q.shape
     h2o = recipe.h2o is not None
