@@ -426,13 +426,19 @@ def write_h2o_window(state, k, v, cache_position, kept) -> None:
     k, v [B, H, L, D] of the call's L new tokens at cache_position [L]; indices whose position
     is older than the call keep what they hold. Branch-free, so L can be a dynamic export dimension."""
     w = state["window.key"].shape[2]
-    last = cache_position[-1]
-    held = last - (last - torch.arange(w, device=k.device)) % w  # [W]: the position at each index
+    held = window_positions(cache_position, w)
     new = (held >= cache_position[0])[None, None, :, None]
     src = (held - cache_position[0]).clamp_min(0)[None, None, :, None]
     for part, x in (("key", k), ("value", v)):
         buf = state[f"window.{part}"]
         buf.copy_(torch.where(new, x.gather(2, src.expand(*x.shape[:2], w, x.shape[-1])).to(kept), buf))
+
+
+def window_positions(cache_position: torch.Tensor, w: int) -> torch.Tensor:
+    """[W] int64: the position each index of an H2O window holds once the call's last position
+    (cache_position [L]) is written: position p sits at index p % W."""
+    last = cache_position[-1]
+    return last - (last - torch.arange(w, device=cache_position.device)) % w
 
 
 def _from_window(x: torch.Tensor, window: torch.Tensor, positions: torch.Tensor,

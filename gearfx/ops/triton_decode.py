@@ -415,7 +415,7 @@ def _part(state: dict[str, torch.Tensor], part: str, spec: TensorSpec, chunk: in
 def _window_slots(positions: torch.Tensor, cache_position: torch.Tensor, w: int) -> torch.Tensor:
     """[B, H, W] int64: the slot of the token at each index of an H2O window (position p at index
     p % W, `reference.write_h2o_window`), -1 where that token holds no slot."""
-    held = cache_position - (cache_position - torch.arange(w, device=positions.device)) % w  # [W]
+    held = reference.window_positions(cache_position, w)
     hit = positions[..., None, :] == held[:, None]  # [B, H, W, S]
     return torch.where(hit.any(-1), hit.int().argmax(-1), -1)
 
