@@ -111,7 +111,6 @@ def test_splits_agree(case):
     extra = {}
     if recipe.h2o is not None:
         extra = dict(slot=reference.store_h2o_token(k, v, cache_position, None, recipe, capacity, state))
-        reference.write_h2o_window(state, k, v, cache_position, torch.float16)
     else:
         state["window.key"][:, :, prompt % 16] = k[:, :, 0].half()
         state["window.value"][:, :, prompt % 16] = v[:, :, 0].half()

@@ -403,19 +403,23 @@ def row_starts(attn_mask: torch.Tensor | None, cache_position: torch.Tensor, key
 
 def store_h2o_token(k, v, cache_position, attn_mask, recipe, capacity, state) -> torch.Tensor:
     """Compress one decode token k, v [B, H, 1, D] into the slot H2O picks for it (evicting its
-    token) and reset that slot's score. Returns the slot [B, H]."""
+    token), reset that slot's score, and add the token to the full-precision window if the cache
+    has one. Returns the slot [B, H]."""
     b, h = k.shape[:2]
     _, recent, sinks = recipe.h2o.budget(capacity)
     positions, scores = state["h2o.positions"], state["h2o.scores"]
     start = row_starts(attn_mask, cache_position, capacity, state)
     slot = h2o.choose_slot(scores, positions, cache_position, recent, sinks, start)  # [B, H]
+    kept = kept_dtype(recipe, k.dtype)
     for part, x, spec in (("key", k, recipe.key), ("value", v, recipe.value)):
-        for f, t in compress_chunk(x.to(kept_dtype(recipe, k.dtype)), spec, recipe).items():  # t [B, H, 1, ...]
+        for f, t in compress_chunk(x.to(kept), spec, recipe).items():  # t [B, H, 1, ...]
             dst = state[f"{part}.{f}"]
             idx = slot.view(b, h, *[1] * (dst.dim() - 2)).expand(b, h, 1, *dst.shape[3:])
             dst.scatter_(2, idx, t[:, :, None].to(dst.dtype) if t.dim() == dst.dim() - 1 else t.to(dst.dtype))
     positions.scatter_(2, slot[..., None], cache_position.to(positions.dtype).expand(b, h)[..., None])
     scores.scatter_(2, slot[..., None], 0.0)
+    if "window.key" in state:
+        write_h2o_window(state, k, v, cache_position, kept)
     return slot
 
 
@@ -485,7 +489,6 @@ def _attend_h2o(q, k, v, cache_position, attn_mask, scale, recipe, capacity, sta
         keys = _decompress(state, "key", recipe.key, q.dtype).reshape(b, h, -1, d)
         values = _decompress(state, "value", recipe.value, q.dtype).reshape(b, h, -1, d)
         if "window.key" in state:  # the newest tokens are read from the full-precision window
-            write_h2o_window(state, k, v, cache_position, kept)
             keys, values = (_from_window(x, state[f"window.{part}"], positions, cache_position)
                             for x, part in ((keys, "key"), (values, "value")))
         # the newest token is attended in full precision, as it would be without eviction

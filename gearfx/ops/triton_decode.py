@@ -518,8 +518,6 @@ def decode(
 def _decode(q, k, v, cache_position, attn_mask, scale, recipe, capacity, state):
     if recipe.h2o is not None:
         slot = reference.store_h2o_token(k, v, cache_position, attn_mask, recipe, capacity, state)
-        if "window.key" in state:
-            reference.write_h2o_window(state, k, v, cache_position, kept_dtype(recipe, q.dtype))
         out, probs = attention(q, state, recipe, capacity, cache_position, attn_mask, scale, k, v, slot)
         scores = state["h2o.scores"]
         scores.copy_(h2o.accumulate(scores, probs, recipe.h2o.decay))
