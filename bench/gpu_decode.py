@@ -98,9 +98,7 @@ def bench(label, b, hq, h, d, ctx, recipe_name, bandwidth) -> dict:
     state = allocate(cache_layout(recipe, b, h, d, capacity, torch.float16), "cuda")
     _fill(state, d, gen)
     cache_position = torch.tensor([ctx - 1], device="cuda")
-    slot = torch.zeros(b, h, dtype=torch.long, device="cuda")
-    extra = (slot,) if recipe.h2o is not None else ()
-    run = lambda: triton_decode.attention(q, state, recipe, capacity, cache_position, None, d ** -0.5, k1, v1, *extra)  # noqa: E731
+    run = lambda: triton_decode.attention(q, state, recipe, capacity, cache_position, None, d ** -0.5, k1, v1)  # noqa: E731
     kernel = _time(run)
     state_bytes = sum(t.numel() * t.element_size() for t in state.values())
     floor = state_bytes / bandwidth * 1e3

@@ -108,14 +108,13 @@ def test_splits_agree(case):
     reference.attend(q, k, v, torch.arange(prompt), None, 0.2, recipe, capacity, state)
     q, k, v = torch.randn(b, h * groups, 1, d, generator=g), _keys((b, h, 1, d), g), torch.randn(b, h, 1, d, generator=g)
     cache_position = torch.tensor([prompt])
-    extra = {}
     if recipe.h2o is not None:
-        extra = dict(slot=reference.store_h2o_token(k, v, cache_position, None, recipe, capacity, state))
+        reference.store_h2o_token(k, v, cache_position, None, recipe, capacity, state)
     else:
         state["window.key"][:, :, prompt % 16] = k[:, :, 0].half()
         state["window.value"][:, :, prompt % 16] = v[:, :, 0].half()
-    one, p1 = triton_decode.attention(q, state, recipe, capacity, cache_position, None, 0.2, k, v, splits=1, **extra)
-    three, p3 = triton_decode.attention(q, state, recipe, capacity, cache_position, None, 0.2, k, v, splits=3, **extra)
+    one, p1 = triton_decode.attention(q, state, recipe, capacity, cache_position, None, 0.2, k, v, splits=1)
+    three, p3 = triton_decode.attention(q, state, recipe, capacity, cache_position, None, 0.2, k, v, splits=3)
     torch.testing.assert_close(three, one, rtol=1e-5, atol=1e-5)
     if p1 is not None:
         torch.testing.assert_close(p3, p1, rtol=1e-5, atol=1e-6)

@@ -57,13 +57,6 @@ def _chunk(state: dict[str, torch.Tensor], part: str) -> Chunk:
     return Chunk(*(state.get(f"{part}.{f}") for f in FIELDS))
 
 
-def _decompress(state: dict[str, torch.Tensor], part: str, spec: TensorSpec, dtype) -> torch.Tensor:
-    """[B, H, N, T, D]: every slot of `part` reconstructed."""
-    if not spec.quantized:
-        return state[f"{part}.data"].to(dtype)
-    return gear.decompress(_chunk(state, part), spec, dtype)
-
-
 class Corrections(NamedTuple):
     """GEAR's corrections of a compressed store, applied in factored form: attention adds them to
     scores and outputs without rebuilding the full-precision keys and values.
@@ -445,16 +438,6 @@ def window_positions(cache_position: torch.Tensor, w: int) -> torch.Tensor:
     return last - (last - torch.arange(w, device=cache_position.device)) % w
 
 
-def _from_window(x: torch.Tensor, window: torch.Tensor, positions: torch.Tensor,
-                 cache_position: torch.Tensor) -> torch.Tensor:
-    """x [B, H, S, D] (every slot decompressed) with the slots whose token is still in the window
-    [B, H, W, D] (the W newest positions, `write_h2o_window`) read from there instead."""
-    w = window.shape[2]
-    held = (positions.long() > cache_position - w) & (positions != h2o.EMPTY)  # [B, H, S]
-    at = (positions.long().clamp_min(0) % w)[..., None].expand(x.shape)
-    return torch.where(held[..., None], window.gather(2, at).to(x.dtype), x)
-
-
 def write_sinks(state, k, v, cache_position, start, count: int, kept) -> None:
     """Copy the new tokens that are sinks (each row's first `count` real tokens, from start [B])
     into sink.key / sink.value [B, H, count, D].
@@ -478,50 +461,72 @@ def closing_skip(slot: torch.Tensor, window: int, start: torch.Tensor, count: in
 
 
 def _attend_h2o(q, k, v, cache_position, attn_mask, scale, recipe, capacity, state):
+    if q.shape[2] == 1:
+        return _attend_h2o_one(q, k, v, cache_position, attn_mask, scale, recipe, capacity, state)
+    return _prefill_h2o(q, k, v, cache_position, attn_mask, scale, recipe, capacity, state)
+
+
+def _prefill_h2o(q, k, v, cache_position, attn_mask, scale, recipe, capacity, state):
+    """Exact causal attention over the prompt, then the prompt's tokens H2O keeps (ranked by the
+    attention they received, `h2o.prefill_scores`) compressed into the slots. Returns [B, Hq, L, D]."""
     b, h, length, d = k.shape
     hq = q.shape[1]
-    g = hq // h
     heavy, recent, sinks = recipe.h2o.budget(capacity)
-    positions, scores = state["h2o.positions"], state["h2o.scores"]
-    kept = kept_dtype(recipe, q.dtype)
-    if length == 1:
-        slot = store_h2o_token(k, v, cache_position, attn_mask, recipe, capacity, state)
-        keys = _decompress(state, "key", recipe.key, q.dtype).reshape(b, h, -1, d)
-        values = _decompress(state, "value", recipe.value, q.dtype).reshape(b, h, -1, d)
-        if "window.key" in state:  # the newest tokens are read from the full-precision window
-            keys, values = (_from_window(x, state[f"window.{part}"], positions, cache_position)
-                            for x, part in ((keys, "key"), (values, "value")))
-        # the newest token is attended in full precision, as it would be without eviction
-        at = slot[..., None, None].expand(b, h, 1, d)
-        keys, values = keys.scatter(2, at, k), values.scatter(2, at, v)
-        valid = positions != h2o.EMPTY  # [B, H, S]
-        model = _bias(attn_mask, cache_position, capacity, q.dtype)  # [B|1, 1|Hq, 1, capacity]
-        model = model[:, :1].expand(b, 1, 1, capacity)
-        at_slot = model[:, 0, 0][:, None, :].expand(b, h, capacity).gather(-1, positions.long().clamp_min(0))
-        bias = at_slot.masked_fill(~valid, torch.finfo(q.dtype).min)  # [B, H, S]
-        bias = bias[:, :, None, None, :]  # [B, H, 1, 1, S]
-    else:
-        keys, values = k, v
-        bias = _bias(attn_mask, cache_position, capacity, q.dtype)[..., :length]
-        bias = bias[:, :1].expand(b, 1, length, length)[:, :, None]  # [B, 1, 1, L, L]
-    logits = (q.view(b, h, g, length, d).float() @ keys[:, :, None].float().mT) * scale + bias.float()
+    bias = _bias(attn_mask, cache_position, capacity, q.dtype)[..., :length]
+    bias = bias[:, :1].expand(b, 1, length, length)[:, :, None]  # [B, 1, 1, L, L]
+    logits = (q.view(b, h, hq // h, length, d).float() @ k[:, :, None].float().mT) * scale + bias.float()
     probs = logits.softmax(dim=-1)
-    out = (probs @ values[:, :, None].float()).to(q.dtype).reshape(b, hq, length, d)
-    mass = probs.reshape(b, hq, length, -1)
-    if length == 1:
-        scores.copy_(h2o.accumulate(scores, mass, recipe.h2o.decay))
-    else:
-        real = real_tokens(attn_mask, cache_position, capacity).expand(b, length)
-        start = row_starts(attn_mask, cache_position, capacity, state)
-        token_scores = h2o.prefill_scores(mass, h, recipe.h2o.observe, recipe.h2o.decay, real)
-        keep = h2o.keep_after_prefill(token_scores, heavy, recent, sinks, start)  # [B, H, S]
-        src = keep.clamp_min(0)
-        for part, x, spec in (("key", k, recipe.key), ("value", v, recipe.value)):
-            tokens = x.gather(2, src[..., None].expand(b, h, src.shape[-1], d))
-            for f, t in compress_chunk(tokens[:, :, :, None].to(kept), spec, recipe).items():
-                state[f"{part}.{f}"].copy_(t.to(state[f"{part}.{f}"].dtype))
-        positions.copy_(keep.to(positions.dtype))
-        if "window.key" in state:
-            write_h2o_window(state, k, v, cache_position, kept)
-        scores.copy_(token_scores.gather(-1, src).masked_fill(keep == h2o.EMPTY, 0.0))
+    out = (probs @ v[:, :, None].float()).to(q.dtype).reshape(b, hq, length, d)
+    real = real_tokens(attn_mask, cache_position, capacity).expand(b, length)
+    start = row_starts(attn_mask, cache_position, capacity, state)
+    token_scores = h2o.prefill_scores(probs.reshape(b, hq, length, length), h, recipe.h2o.observe,
+                                      recipe.h2o.decay, real)
+    keep = h2o.keep_after_prefill(token_scores, heavy, recent, sinks, start)  # [B, H, S]
+    src = keep.clamp_min(0)
+    kept = kept_dtype(recipe, q.dtype)
+    for part, x, spec in (("key", k, recipe.key), ("value", v, recipe.value)):
+        tokens = x.gather(2, src[..., None].expand(b, h, src.shape[-1], d))
+        for f, t in compress_chunk(tokens[:, :, :, None].to(kept), spec, recipe).items():
+            state[f"{part}.{f}"].copy_(t.to(state[f"{part}.{f}"].dtype))
+    state["h2o.positions"].copy_(keep.to(torch.int32))
+    if "window.key" in state:
+        write_h2o_window(state, k, v, cache_position, kept)
+    state["h2o.scores"].copy_(token_scores.gather(-1, src).masked_fill(keep == h2o.EMPTY, 0.0))
     return out
+
+
+def _attend_h2o_one(q, k, v, cache_position, attn_mask, scale, recipe, capacity, state):
+    """One decode token: store it in the slot H2O picks, attend over every slot and add the
+    attention to the slot scores. Slots are read as codes (`ops.codes`, as `_attend_one` reads
+    chunks: no K/V is rebuilt), but for the new token, attended exactly, and the tokens of the
+    full-precision window, read from there. Returns [B, Hq, 1, D]."""
+    b, h, _, d = k.shape
+    g = q.shape[1] // h
+    slot = store_h2o_token(k, v, cache_position, attn_mask, recipe, capacity, state)  # [B, H]
+    positions = state["h2o.positions"]
+    n = positions.shape[-1]
+    q4 = q.float().view(b, h, g, d)
+    new = torch.zeros_like(positions, dtype=torch.bool).scatter(2, slot[..., None], True)[:, :, None]
+    kstore, kfix = _codes_store(state, "key", recipe.key, n, 1)
+    logits = _store_scores(q4, kstore, recipe.key, kfix)  # [B, H, g, S]
+    windowed = "window.key" in state
+    if windowed:  # slot -> window index of its token (position p sits at p % W)
+        w = state["window.key"].shape[2]
+        held = ((positions.long() > cache_position - w) & (positions != h2o.EMPTY))[:, :, None] & ~new
+        at = (positions.long().clamp_min(0) % w)[:, :, None].expand(b, h, g, n)
+        logits = torch.where(held, (q4 @ state["window.key"].float().mT).gather(-1, at), logits)
+    logits = torch.where(new, (q4 * k.float()).sum(-1, keepdim=True), logits)
+    model = _bias(attn_mask, cache_position, capacity, q.dtype)[:, :1, 0]  # [B|1, 1, capacity]
+    at_slot = model.expand(b, h, capacity).gather(-1, positions.long().clamp_min(0))
+    bias = at_slot.masked_fill(positions == h2o.EMPTY, torch.finfo(q.dtype).min).float()  # [B, H, S]
+    probs = (logits * scale + bias[:, :, None]).softmax(dim=-1)  # [B, H, g, S]
+    coded = probs.masked_fill(new | held, 0.0) if windowed else probs.masked_fill(new, 0.0)
+    vstore, vfix = _codes_store(state, "value", recipe.value, n, 1)
+    out = _store_values(coded, vstore, recipe.value, vfix)
+    if windowed:
+        mass = probs.new_zeros(b, h, g, w).scatter_add(-1, at, probs * held)
+        out = out + mass @ state["window.value"].float()
+    out = out + probs.gather(-1, slot[:, :, None, None].expand(b, h, g, 1)) * v.float()
+    state["h2o.scores"].copy_(h2o.accumulate(state["h2o.scores"], probs.reshape(b, h * g, 1, n),
+                                             recipe.h2o.decay))
+    return out.to(q.dtype).view(b, h * g, 1, d)

@@ -188,6 +188,19 @@ def _mask_bias(mask_row, posn, ok, MASK_KIND: tl.constexpr):
 
 
 @triton.jit
+def _exact(x, W, FRESH, bh, posn, cpos, cols, F: tl.constexpr, D: tl.constexpr, WINDOW: tl.constexpr):
+    """H2O: a tile x [BLOCK_T, D] (columns `cols`) of slots at positions posn, with the tokens of
+    the full-precision window (the F newest positions, position p at row p % F of W [F, D]) read
+    from there and this step's token from FRESH [D], in the model's precision."""
+    if WINDOW:
+        win = (posn >= 0) & (posn > cpos - F)
+        w = tl.load(W + (bh * F + posn % F)[:, None] * D + cols[None, :], mask=win[:, None], other=0.0)
+        x = tl.where(win[:, None], w.to(tl.float32), x)
+    fresh = tl.load(FRESH + bh * D + cols).to(tl.float32)
+    return tl.where((posn == cpos)[:, None], fresh[None, :], x)
+
+
+@triton.jit
 def _online(s, m_i, l_i, acc):
     """One flash-attention step: scores s [G, N] (-inf where masked) -> (p, alpha, m, l, acc)."""
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -200,7 +213,7 @@ def _online(s, m_i, l_i, acc):
 @triton.jit
 def _decode_kernel(
     Q, KC, KS, KM, KA, KB, KOV, KOI, VC, VS, VM, VA, VB, VOV, VOI,
-    WK, WV, FK, FV, SK, SV, START, MASK, POS, CPOS, SLOT,
+    WK, WV, FK, FV, SK, SV, START, MASK, POS, CPOS,
     M_OUT, L_OUT, ACC_OUT, LOGITS,
     sm_scale, T, mask_stride, split_len,
     H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
@@ -209,7 +222,7 @@ def _decode_kernel(
     K_RPAD: tl.constexpr, K_OUT: tl.constexpr, K_OPAD: tl.constexpr,
     V_BITS: tl.constexpr, V_CHANNEL: tl.constexpr, V_GROUP: tl.constexpr, V_RANK: tl.constexpr,
     V_RPAD: tl.constexpr, V_OUT: tl.constexpr, V_OPAD: tl.constexpr,
-    POSITIONAL: tl.constexpr, NSINK: tl.constexpr, F: tl.constexpr, BLOCK_F: tl.constexpr,
+    POSITIONAL: tl.constexpr, NSINK: tl.constexpr, F: tl.constexpr, BLOCK_F: tl.constexpr, WINDOW: tl.constexpr,
     MASK_KIND: tl.constexpr, STORE_LOGITS: tl.constexpr, DOT: tl.constexpr,
 ):
     bh = tl.program_id(0)
@@ -259,11 +272,14 @@ def _decode_kernel(
                 if NSINK > 0:  # the row's sinks are attended from the sink buffer
                     row_start = tl.load(START + b)
                     ok = ok & ((tok < row_start) | (tok >= row_start + NSINK))
-            else:  # H2O slots: a position per slot, -1 when empty; the F newest are attended exactly
+            else:  # H2O slots: a position per slot, -1 when empty
                 posn = tl.load(POS + bh * T + tok, mask=inside, other=-1)
-                ok = inside & (posn >= 0) & (posn <= cpos - F)
+                ok = inside & (posn >= 0)
+                exact = ok & ((posn == cpos) | (WINDOW & (posn > cpos - F)))  # read by `_exact`
             bias = _mask_bias(mask_row, posn, ok, MASK_KIND)
             k = _tile(kc, ks, km, tok, t0, T, ok, D, K_BITS, K_CHANNEL, K_GROUP, BLOCK_T)
+            if not POSITIONAL:
+                k = _exact(k, WK, FK, bh, posn, cpos, kperm, F, D, WINDOW)
             s = tl.dot(qk, tl.trans(k.to(q.dtype)), input_precision=DOT)
             chunk = t0 // C
             if K_RANK > 0:  # (q · B) · Aᵀ of this block's chunk
@@ -280,13 +296,18 @@ def _decode_kernel(
                     KOV + bh * nchunks * K_OUT, KOI + bh * nchunks * K_OUT, chunk, nchunks,
                     D, C, K_BITS, K_CHANNEL, K_GROUP, K_RANK, K_RPAD, K_OUT, NCB, K_OPAD)
                 qo = tl.load(Q + bh * G * D + g[:, None] * D + ochan[None, :], mask=gm[:, None], other=0.0)
-                hit = (otok[:, None] == tok[None, :]).to(q.dtype)
+                hit = otok[:, None] == tok[None, :]
+                if not POSITIONAL:  # a token read exactly has no correction
+                    hit = hit & ~exact[None, :]
+                hit = hit.to(q.dtype)
                 s += tl.dot((qo.to(tl.float32) * delta[None, :]).to(q.dtype), hit, input_precision=DOT)
             s = s * sm_scale + bias[None, :]
-            if STORE_LOGITS:  # empty slots and the newest keep what the caller / fp program write
+            if STORE_LOGITS:  # empty slots keep the caller's -inf
                 tl.store(LOGITS + (bh * G + g[:, None]) * T + tok[None, :], s, mask=gm[:, None] & ok[None, :])
             p, m_i, l_i, acc = _online(s, m_i, l_i, acc)
             v = _tile(vc, vs, vm, tok, t0, T, ok, D, V_BITS, V_CHANNEL, V_GROUP, BLOCK_T)
+            if not POSITIONAL:
+                v = _exact(v, WV, FV, bh, posn, cpos, vperm, F, D, WINDOW)
             acc += tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT)
             if V_RANK > 0:  # (p · A) · Bᵀ
                 r = tl.arange(0, V_RPAD)
@@ -301,51 +322,43 @@ def _decode_kernel(
                     vc, vs, vm, VA + bh * T * V_RANK, VB + bh * nchunks * D * V_RANK,
                     VOV + bh * nchunks * V_OUT, VOI + bh * nchunks * V_OUT, chunk, nchunks,
                     D, C, V_BITS, V_CHANNEL, V_GROUP, V_RANK, V_RPAD, V_OUT, NCB, V_OPAD)
-                hit = (tok[:, None] == otok[None, :]).to(q.dtype)
+                hit = tok[:, None] == otok[None, :]
+                if not POSITIONAL:
+                    hit = hit & ~exact[:, None]
+                hit = hit.to(q.dtype)
                 po = tl.dot(p.to(q.dtype), hit, input_precision=DOT) * delta[None, :]
                 at = (ochan[:, None] == vperm[None, :]).to(q.dtype)
                 acc += tl.dot(po.to(q.dtype), at, input_precision=DOT)
-    else:  # the full-precision tokens: sinks, then the window (or H2O's newest token)
+    else:  # the full-precision tokens of a positional cache: sinks, then the window being filled
         i = tl.arange(0, BLOCK_F)
-        if POSITIONAL:
-            first = cpos // C * C  # position of the window's first token
-            if NSINK > 0:
-                row_start = tl.load(START + b)
-                for f0 in range(0, NSINK, BLOCK_F):
-                    posn = row_start + f0 + i
-                    ok = (f0 + i < NSINK) & (posn < first)  # the window holds the later ones
-                    bias = _mask_bias(mask_row, posn, ok, MASK_KIND)
-                    rows = (bh * NSINK + f0 + i)[:, None] * D + d[None, :]
-                    k = tl.load(SK + rows, mask=ok[:, None], other=0.0)
-                    s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT) * sm_scale + bias[None, :]
-                    p, m_i, l_i, acc = _online(s, m_i, l_i, acc)
-                    v = tl.load(SV + rows, mask=ok[:, None], other=0.0)
-                    acc += tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT)
-        else:
-            first = cpos - F + 1  # H2O: the F newest positions, position p at index p % F
+        first = cpos // C * C  # position of the window's first token
+        if NSINK > 0:
+            row_start = tl.load(START + b)
+            for f0 in range(0, NSINK, BLOCK_F):
+                posn = row_start + f0 + i
+                ok = (f0 + i < NSINK) & (posn < first)  # the window holds the later ones
+                bias = _mask_bias(mask_row, posn, ok, MASK_KIND)
+                rows = (bh * NSINK + f0 + i)[:, None] * D + d[None, :]
+                k = tl.load(SK + rows, mask=ok[:, None], other=0.0)
+                s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT) * sm_scale + bias[None, :]
+                p, m_i, l_i, acc = _online(s, m_i, l_i, acc)
+                v = tl.load(SV + rows, mask=ok[:, None], other=0.0)
+                acc += tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT)
         for f0 in range(0, F, BLOCK_F):
             posn = first + f0 + i
-            if POSITIONAL:
-                idx = f0 + i
-                ok = (f0 + i < F) & (posn <= cpos)
-            else:  # only tokens that hold a slot (SLOT [B, H, F], -1 for none) are in the cache
-                idx = (posn + F) % F
-                slot = tl.load(SLOT + bh * F + idx, mask=f0 + i < F, other=-1)
-                ok = (f0 + i < F) & (posn >= 0) & (slot >= 0)
+            ok = (f0 + i < F) & (posn <= cpos)
             bias = _mask_bias(mask_row, posn, ok, MASK_KIND)
-            rows = (bh * F + idx)[:, None] * D + d[None, :]
+            rows = (bh * F + f0 + i)[:, None] * D + d[None, :]
             # this step's token in the model's precision, not the window's 16 bits
             newest = (posn == cpos)[:, None]
             k = tl.load(WK + rows, mask=ok[:, None], other=0.0).to(tl.float32)
             k = tl.where(newest, tl.load(FK + bh * D + d).to(tl.float32)[None, :], k)
             s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT) * sm_scale + bias[None, :]
-            if STORE_LOGITS:  # H2O: each token's logit, at its slot
-                tl.store(LOGITS + (bh * G + g[:, None]) * T + slot[None, :], s, mask=gm[:, None] & ok[None, :])
             p, m_i, l_i, acc = _online(s, m_i, l_i, acc)
             v = tl.load(WV + rows, mask=ok[:, None], other=0.0).to(tl.float32)
             v = tl.where(newest, tl.load(FV + bh * D + d).to(tl.float32)[None, :], v)
             acc += tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT)
-    part = bh * (SPLITS + 1) + split
+    part = bh * tl.num_programs(1) + split  # H2O has no full-precision program
     cols = tl.where(split < SPLITS, vperm, d)  # compressed values accumulate in tile order
     tl.store(M_OUT + part * G + g, m_i, mask=gm)
     tl.store(L_OUT + part * G + g, l_i, mask=gm)
@@ -412,27 +425,18 @@ def _part(state: dict[str, torch.Tensor], part: str, spec: TensorSpec, chunk: in
     return tensors, consts
 
 
-def _window_slots(positions: torch.Tensor, cache_position: torch.Tensor, w: int) -> torch.Tensor:
-    """[B, H, W] int64: the slot of the token at each index of an H2O window (position p at index
-    p % W, `reference.write_h2o_window`), -1 where that token holds no slot."""
-    held = reference.window_positions(cache_position, w)
-    hit = positions[..., None, :] == held[:, None]  # [B, H, W, S]
-    return torch.where(hit.any(-1), hit.int().argmax(-1), -1)
-
-
 def attention(
     q: torch.Tensor, state: dict[str, torch.Tensor], recipe: Recipe, capacity: int,
     cache_position: torch.Tensor, attn_mask: torch.Tensor | None, scale: float,
-    fresh_k: torch.Tensor, fresh_v: torch.Tensor, slot: torch.Tensor | None = None,
-    splits: int | None = None,
+    fresh_k: torch.Tensor, fresh_v: torch.Tensor, splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One decode step's attention over a layer's compressed cache, after this step's write.
 
     q [B, Hq, 1, D]; state: the layer's tensors (`layout.cache_layout`) with the new token already
     written (into the window, or compressed into its H2O slot); cache_position [1] int (on q's
     device); attn_mask [B|1, 1, 1, capacity] bool or additive, or None (causal); fresh_k, fresh_v
-    [B, H, 1, D]: the new token, attended in the model's precision; slot [B, H]: where H2O stored
-    it (a compressing H2O cache attends its window's tokens, this one included, from the window).
+    [B, H, 1, D]: the new token, attended in the model's precision (a compressing H2O cache
+    attends the other tokens of its window from the window, not from their slots).
     Returns (out [B, Hq, 1, D] in q's dtype, and with H2O the attention probabilities over the
     slots [B, Hq, 1, S] fp32, else None).
     """
@@ -452,17 +456,13 @@ def attention(
     kt, kc = _part(state, "key", recipe.key, c, q)
     vt, vc = _part(state, "value", recipe.value, c, q)
     fresh_k, fresh_v = fresh_k.contiguous(), fresh_v.contiguous()
+    windowed = "window.key" in state
+    window_k, window_v = (state["window.key"], state["window.value"]) if windowed else (q, q)
     if h2o:
-        positions = state["h2o.positions"]
-        if "window.key" in state:
-            window_k, window_v = state["window.key"], state["window.value"]
-            slot = _window_slots(positions, cache_position, window_k.shape[2])
-        else:
-            window_k, window_v, slot = fresh_k, fresh_v, slot[..., None]
-        f, nsink = window_k.shape[2], 0
+        positions, nsink = state["h2o.positions"], 0
+        f = window_k.shape[2] if windowed else 1
     else:
-        window_k, window_v, f = state["window.key"], state["window.value"], c
-        positions, slot = q, q
+        positions, f = q, c
         nsink = state["sink.key"].shape[2] if "sink.key" in state else 0
     sinks = (state["sink.key"], state["sink.value"]) if nsink else (q, q)
     if attn_mask is None:
@@ -473,7 +473,7 @@ def attention(
         row = row.view(torch.uint8) if mask_kind == 1 else row
         mask, mask_stride = row, (row.stride(0) if row.shape[0] > 1 else 0)
     g_pad = _pow2(g, 16)
-    parts = splits + 1
+    parts = splits if h2o else splits + 1  # + the program of the window and sinks
     m_part = torch.empty(b * h, parts, g, device=q.device, dtype=torch.float32)
     l_part = torch.empty_like(m_part)
     acc_part = torch.empty(b * h, parts, g, d, device=q.device, dtype=torch.float32)
@@ -482,14 +482,14 @@ def attention(
     _decode_kernel[(b * h, parts)](
         q.reshape(b, h, g, d).contiguous(), *kt, *vt, window_k, window_v, fresh_k, fresh_v, *sinks,
         state["row.start"], mask, positions,
-        cache_position, slot, m_part, l_part, acc_part, logits,
+        cache_position, m_part, l_part, acc_part, logits,
         scale, t, mask_stride, split_len,
         H=h, G=g, G_PAD=g_pad, D=d, BLOCK_T=block, C=c, NCB=ncb, SPLITS=splits,
         K_BITS=kc["BITS"], K_CHANNEL=kc["CHANNEL"], K_GROUP=kc["GROUP"], K_RANK=kc["RANK"],
         K_RPAD=kc["RPAD"], K_OUT=kc["OUT"], K_OPAD=_pow2(ncb * kc["OUT"], 16),
         V_BITS=vc["BITS"], V_CHANNEL=vc["CHANNEL"], V_GROUP=vc["GROUP"], V_RANK=vc["RANK"],
         V_RPAD=vc["RPAD"], V_OUT=vc["OUT"], V_OPAD=_pow2(ncb * vc["OUT"], 16),
-        POSITIONAL=not h2o, NSINK=nsink, F=f, BLOCK_F=min(64, _pow2(f, 16)),
+        POSITIONAL=not h2o, NSINK=nsink, F=f, BLOCK_F=min(64, _pow2(f, 16)), WINDOW=windowed,
         MASK_KIND=mask_kind, STORE_LOGITS=h2o,
         DOT="ieee" if q.dtype == torch.float32 else "tf32",
     )
@@ -517,8 +517,8 @@ def decode(
 
 def _decode(q, k, v, cache_position, attn_mask, scale, recipe, capacity, state):
     if recipe.h2o is not None:
-        slot = reference.store_h2o_token(k, v, cache_position, attn_mask, recipe, capacity, state)
-        out, probs = attention(q, state, recipe, capacity, cache_position, attn_mask, scale, k, v, slot)
+        reference.store_h2o_token(k, v, cache_position, attn_mask, recipe, capacity, state)
+        out, probs = attention(q, state, recipe, capacity, cache_position, attn_mask, scale, k, v)
         scores = state["h2o.scores"]
         scores.copy_(h2o.accumulate(scores, probs, recipe.h2o.decay))
         return out
