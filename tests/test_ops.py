@@ -4,8 +4,8 @@ reconstructed keys/values (the identity a fused kernel relies on)."""
 import pytest
 import torch
 
-from gearfx.compress import gear
-from gearfx.ops.reference import FIELDS, _stored
+from gearfx.compress import gear, quantize
+from gearfx.ops.reference import FIELDS, _chunk, _corrections
 from gearfx.recipes import TensorSpec
 
 
@@ -20,7 +20,9 @@ def test_factored_corrections_equal_reconstruction(rank, outliers, axis):
     chunk = gear.compress(x, spec, 3, seed=0)
     state = {f"key.{f}": t for f, t in chunk._asdict().items() if t is not None}
     assert set(state) <= {f"key.{f}" for f in FIELDS}
-    deq, fix = _stored(state, "key", spec)
+    stored = _chunk(state, "key")
+    deq = quantize.dequantize(stored.codes, stored.scale, stored.minimum, spec.bits, spec.axis, spec.group)
+    fix = _corrections(stored, spec)
     rebuilt = gear.decompress(chunk, spec, torch.float32).reshape(b, h, n * c, d)
     q = torch.randn(b, h, groups, length, d, generator=g)
     probs = torch.rand(b, h, groups, length, n * c, generator=g)

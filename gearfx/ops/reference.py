@@ -103,15 +103,6 @@ class Corrections(NamedTuple):
         return out
 
 
-def _stored(state, part: str, spec: TensorSpec) -> tuple[torch.Tensor, Corrections | None]:
-    """The store of `part` as (dequantized codes [B, H, N, C, D] fp32, corrections or None)."""
-    if not spec.quantized:
-        return state[f"{part}.data"].float(), None
-    c = _chunk(state, part)
-    deq = quantize.dequantize(c.codes, c.scale, c.minimum, spec.bits, spec.axis, spec.group)
-    return deq, _corrections(c, spec)
-
-
 def _corrections(c: Chunk, spec: TensorSpec) -> Corrections | None:
     """The factored corrections of a compressed store (None without factors or outliers); only the
     outlier entries are dequantized, to take what codes and factors give there off their values."""
@@ -278,42 +269,35 @@ def _attend_chunked(q, k, v, cache_position, attn_mask, scale, recipe, capacity,
 
 def _attend_many(q, k, v, cache_position, start, attn_mask, scale, recipe, capacity, state):
     """Attention of L new tokens over the cache with every stored chunk rebuilt (prefill, where
-    the new tokens dominate the work); start [B]: each row's first real position. Returns
-    (out [B, Hq, L, D], the rebuilt sequence of keys and values [B, H, N*C, D] by part, the new
-    tokens in it)."""
+    the new tokens dominate the work), by SDPA: no [L, capacity] scores per head are held, so a
+    long prompt costs the rebuilt keys and values, not L x capacity x heads floats. start [B]:
+    each row's first real position. Returns (out [B, Hq, L, D], the rebuilt sequence of keys and
+    values [B, H, N*C, D] fp32 by part, the new tokens in it)."""
     b, h, length, d = k.shape
     n, c = slots(recipe, capacity)
     first = cache_position[:1] // c
     chunk_ids = torch.arange(n, device=q.device)
-    exact = (chunk_ids == first).repeat_interleave(c)  # positions read in full precision
-    exact = exact.index_fill(0, cache_position, True)[None]  # [1, N*C]
     if recipe.sinks:
         pos = torch.arange(n * c, device=q.device)[None]
-        sunk = is_sink(pos, start, recipe.sinks)  # [B, N*C]
-        exact = exact | sunk
+        sunk = is_sink(pos, start, recipe.sinks)[:, None, :, None]  # [B, 1, N*C, 1]
         held = (pos - start[:, None]).clamp(0, recipe.sinks - 1)[:, None, :, None].expand(b, h, n * c, d)
-    base, fix = {}, {}
+    base = {}
     for part, x in (("key", k), ("value", v)):
-        codes, corrections = _stored(state, part, getattr(recipe, part))  # [B, H, N, C, D]
+        spec = getattr(recipe, part)
+        if spec.quantized:
+            rebuilt = gear.decompress(_chunk(state, part), spec, torch.float32)  # [B, H, N, C, D]
+        else:
+            rebuilt = state[f"{part}.data"].float()
         window = state[f"window.{part}"][:, :, None].float()
-        codes = torch.where((chunk_ids == first)[:, None, None], window, codes)
-        codes = codes.reshape(b, h, n * c, d)
+        rebuilt = torch.where((chunk_ids == first)[:, None, None], window, rebuilt).reshape(b, h, n * c, d)
         if recipe.sinks:
-            codes = torch.where(sunk[:, None, :, None], state[f"sink.{part}"].float().gather(2, held), codes)
-        base[part] = codes.index_copy(2, cache_position, x.float())
-        fix[part] = corrections
+            rebuilt = torch.where(sunk, state[f"sink.{part}"].float().gather(2, held), rebuilt)
+        base[part] = rebuilt.index_copy(2, cache_position, x.float())
     g = q.shape[1] // h
-    q5 = q.float().view(b, h, g, length, d)
-    scores = q5 @ base["key"][:, :, None].mT  # [B, H, g, L, N*C]
-    exact = exact[:, None, None, None]  # [B|1, 1, 1, 1, N*C]
-    if fix["key"] is not None:
-        scores = scores + fix["key"].scores(q5) * ~exact
-    bias = _bias(attn_mask, cache_position, n * c, torch.float32)  # [B|1, 1, L, N*C]
-    probs = (scores * scale + bias[:, :, None]).softmax(dim=-1)
-    out = probs @ base["value"][:, :, None]  # [B, H, g, L, D]
-    if fix["value"] is not None:
-        out = out + fix["value"].output(probs * ~exact)
-    return out.to(q.dtype).reshape(b, h * g, length, d), base
+    bias = _bias(attn_mask, cache_position, n * c, torch.float32)  # [B|1, 1|Hq, L, N*C]
+    out = F.scaled_dot_product_attention(q.float(), _repeat_kv(base["key"], g), _repeat_kv(base["value"], g),
+                                         attn_mask=bias, scale=scale)
+    return out.to(q.dtype), base
 
 
 def _attend_one(q, k, v, cache_position, start, attn_mask, scale, recipe, capacity, state):
