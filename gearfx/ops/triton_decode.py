@@ -269,13 +269,16 @@ def _decode_kernel(
             if POSITIONAL:
                 posn = tok
                 ok = inside & (tok < closed)
+                exact = tok < 0  # none: the window and sinks are the other program's
                 if NSINK > 0:  # the row's sinks are attended from the sink buffer
                     row_start = tl.load(START + b)
                     ok = ok & ((tok < row_start) | (tok >= row_start + NSINK))
             else:  # H2O slots: a position per slot, -1 when empty
                 posn = tl.load(POS + bh * T + tok, mask=inside, other=-1)
                 ok = inside & (posn >= 0)
-                exact = ok & ((posn == cpos) | (WINDOW & (posn > cpos - F)))  # read by `_exact`
+                exact = ok & (posn == cpos)  # read by `_exact`
+                if WINDOW:
+                    exact = exact | (ok & (posn > cpos - F))
             bias = _mask_bias(mask_row, posn, ok, MASK_KIND)
             k = _tile(kc, ks, km, tok, t0, T, ok, D, K_BITS, K_CHANNEL, K_GROUP, BLOCK_T)
             if not POSITIONAL:
