@@ -15,8 +15,9 @@ with one-hot matrices, which keeps every step a tensor-core `tl.dot`.
 
 The grid is (batch · KV heads, splits + 1): every program takes the query heads of one KV head
 (GQA/MQA for free), splits walk the compressed store flash-decoding style, and the last program
-attends the full-precision tokens (sinks, the window being filled, or H2O's window or newest
-token). A second kernel merges the splits' partial softmaxes. For H2O it also returns the softmax
+attends the full-precision tokens (sinks, the window being filled). H2O has no such program: its
+window's tokens and the newest one hold slots too, and the splits read them from full precision
+in place of the slots' codes. A second kernel merges the splits' partial softmaxes. For H2O it also returns the softmax
 normaliser so the per-slot attention mass (eviction scores) costs no extra pass over the cache.
 """
 
@@ -188,14 +189,13 @@ def _mask_bias(mask_row, posn, ok, MASK_KIND: tl.constexpr):
 
 
 @triton.jit
-def _exact(x, W, FRESH, bh, posn, cpos, cols, F: tl.constexpr, D: tl.constexpr, WINDOW: tl.constexpr):
+def _exact(x, W, FRESH, bh, posn, cpos, exact, cols, F: tl.constexpr, D: tl.constexpr, WINDOW: tl.constexpr):
     """H2O: a tile x [BLOCK_T, D] (columns `cols`) of slots at positions posn, with the tokens of
-    the full-precision window (the F newest positions, position p at row p % F of W [F, D]) read
-    from there and this step's token from FRESH [D], in the model's precision."""
+    the full-precision window (`exact`: the F newest positions, position p at row p % F of W [F, D])
+    read from there and this step's token from FRESH [D], in the model's precision."""
     if WINDOW:
-        win = (posn >= 0) & (posn > cpos - F)
-        w = tl.load(W + (bh * F + posn % F)[:, None] * D + cols[None, :], mask=win[:, None], other=0.0)
-        x = tl.where(win[:, None], w.to(tl.float32), x)
+        w = tl.load(W + (bh * F + posn % F)[:, None] * D + cols[None, :], mask=exact[:, None], other=0.0)
+        x = tl.where(exact[:, None], w.to(tl.float32), x)
     fresh = tl.load(FRESH + bh * D + cols).to(tl.float32)
     return tl.where((posn == cpos)[:, None], fresh[None, :], x)
 
@@ -276,13 +276,12 @@ def _decode_kernel(
             else:  # H2O slots: a position per slot, -1 when empty
                 posn = tl.load(POS + bh * T + tok, mask=inside, other=-1)
                 ok = inside & (posn >= 0)
-                exact = ok & (posn == cpos)  # read by `_exact`
-                if WINDOW:
-                    exact = exact | (ok & (posn > cpos - F))
+                # read by `_exact`: the window's F newest positions (F = 1 without a window: this step's)
+                exact = ok & (posn > cpos - F)
             bias = _mask_bias(mask_row, posn, ok, MASK_KIND)
             k = _tile(kc, ks, km, tok, t0, T, ok, D, K_BITS, K_CHANNEL, K_GROUP, BLOCK_T)
             if not POSITIONAL:
-                k = _exact(k, WK, FK, bh, posn, cpos, kperm, F, D, WINDOW)
+                k = _exact(k, WK, FK, bh, posn, cpos, exact, kperm, F, D, WINDOW)
             s = tl.dot(qk, tl.trans(k.to(q.dtype)), input_precision=DOT)
             chunk = t0 // C
             if K_RANK > 0:  # (q · B) · Aᵀ of this block's chunk
@@ -310,7 +309,7 @@ def _decode_kernel(
             p, m_i, l_i, acc = _online(s, m_i, l_i, acc)
             v = _tile(vc, vs, vm, tok, t0, T, ok, D, V_BITS, V_CHANNEL, V_GROUP, BLOCK_T)
             if not POSITIONAL:
-                v = _exact(v, WV, FV, bh, posn, cpos, vperm, F, D, WINDOW)
+                v = _exact(v, WV, FV, bh, posn, cpos, exact, vperm, F, D, WINDOW)
             acc += tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT)
             if V_RANK > 0:  # (p · A) · Bᵀ
                 r = tl.arange(0, V_RPAD)
