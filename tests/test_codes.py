@@ -22,13 +22,3 @@ def test_codes_terms_equal_dequantized(bits, axis, group):
     p = torch.rand(b, h, heads, t, generator=g).softmax(-1)
     torch.testing.assert_close(codes.scores(q, packed, scale, minimum, spec), q @ deq.mT, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(codes.values(p, packed, scale, minimum, spec), p @ deq, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("bits", range(2, 9))
-def test_unpack_at_reads_single_codes(bits):
-    g = torch.Generator().manual_seed(bits)
-    q = torch.randint(0, 2**bits, (2, 3, 16, 64), generator=g, dtype=torch.uint8)
-    row = torch.randint(0, 16, (2, 3, 10), generator=g)
-    col = torch.randint(0, 64, (2, 3, 10), generator=g)
-    got = quantize.unpack_at(quantize.pack(q, bits), bits, row, col)
-    assert torch.equal(got, q.flatten(-2).gather(-1, row * 64 + col))

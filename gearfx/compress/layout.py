@@ -1,7 +1,7 @@
 """The compressed cache's state tensors, and exact byte accounting derived from them.
 
 One decoder layer's cache is a set of named tensors with static shapes (B batch, H KV heads,
-D head_dim). A cache that compresses keeps its uncompressed parts (window, outlier values, bits=16
+D head_dim). A cache that compresses keeps its uncompressed parts (window, outlier deltas, bits=16
 tensors) in 16 bits: the model's dtype for fp16/bf16 models, fp16 for fp32 models, as GEAR and
 KIVI store them; a cache that does not quantize (fp16, h2o recipes) keeps the model's dtype, so it
 is exact.
@@ -65,7 +65,7 @@ def chunk_layout(spec: TensorSpec, tokens: int, head_dim: int, dtype: torch.dtyp
         out["b"] = Meta((head_dim, rank), META_DTYPE)
     k = spec.num_outliers(tokens, head_dim)
     if k:
-        out["outlier_values"] = Meta((k,), dtype)
+        out["outlier_delta"] = Meta((k,), dtype)
         out["outlier_index"] = Meta((k,), index_dtype(tokens * head_dim))
     return out
 

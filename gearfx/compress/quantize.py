@@ -26,7 +26,7 @@ from torchao.quantization.quant_primitives import (
     quantize_affine,
 )
 
-META_DTYPE = torch.float16  # scales, minimums, factors and outlier values are stored in fp16
+META_DTYPE = torch.float16  # scales, minimums and factors are stored in fp16
 
 # torchao packs b-bit codes as shards of 4, 2 and 1 bits (e.g. 3 = 2 + 1, 7 = 4 + 2 + 1)
 _SHARD_BITS = {1: (1,), 2: (2,), 3: (2, 1), 4: (4,), 5: (4, 1), 6: (4, 2), 7: (4, 2, 1)}
@@ -83,20 +83,6 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return _unpack_shards(list(parts), bits, dim=-1)
 
 
-def unpack_at(packed: torch.Tensor, bits: int, row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
-    """Codes at (row, col) of packed rows [..., R, D * bits / 8], reading only their bytes.
-
-    row, col: int64 [..., k] (leading dims as packed's). Returns uint8 [..., k] (layout: `shards`)."""
-    width = packed.shape[-1]
-    if bits == 8:
-        return packed.flatten(-2).gather(-1, row * width + col)
-    code = packed.new_zeros(col.shape)
-    for s in shards(width * 8 // bits, bits):
-        byte = packed.flatten(-2).gather(-1, row * width + s.offset + col % s.n)
-        code = code + ((byte >> (s.width * (col // s.n)).to(torch.uint8)) & (2**s.width - 1)) * 2**s.low
-    return code
-
-
 def _block(ndim: int, axis: str, group: int) -> tuple[int, ...]:
     lead = (1,) * (ndim - 2)
     return lead + ((group, 1) if axis == "channel" else (1, group))
@@ -121,7 +107,7 @@ def quantize(
     """Quantize x [..., T, D] to packed codes.
 
     exclude: optional bool mask [..., T, D] of entries left out of each group's range (GEAR
-        outliers, which are stored exactly elsewhere); they are clamped into the range.
+        outliers, corrected elsewhere; attention sinks, kept elsewhere); they are clamped into the range.
     Returns (codes [..., T, D * bits / 8] uint8, scale, minimum), scale and minimum fp16 of shape
     [..., T/group, D] (axis="channel") or [..., T, D/group] (axis="token").
     """

@@ -1,4 +1,4 @@
-"""GEAR's sparse correction: a fixed number of entries per chunk kept exactly, as values + indices.
+"""GEAR's sparse correction: a fixed number of entries per chunk corrected exactly, as deltas + indices.
 
 A fixed budget k per chunk keeps every shape static. Indices address the flattened [T, D] chunk and
 are stored in the narrowest integer type that holds T * D, since at head_dim 64 they would otherwise
@@ -35,7 +35,7 @@ def mask(index: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return flat.scatter(-1, index.long(), True).view(shape)
 
 
-def restore(x: torch.Tensor, values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x [..., T, D] with the entries at flat indices [..., k] replaced by values [..., k]."""
-    flat = x.flatten(-2).scatter(-1, index.long(), values.to(x.dtype))
+def add_at(x: torch.Tensor, delta: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x [..., T, D] with delta [..., k] added at the flat indices [..., k] (distinct)."""
+    flat = x.flatten(-2).scatter_add(-1, index.long(), delta.to(x.dtype))
     return flat.view(x.shape)

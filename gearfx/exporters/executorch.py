@@ -51,22 +51,19 @@ class UnsupportedExportError(ValueError):
 def _portable_decompositions() -> dict:
     """aten ops of the compressed cache that ExecuTorch's portable kernels lack (1.5: bit shifts
     and sort), as ops they have. The shifts act on uint8 codes, where x << s is x * 2**s (mod 256)
-    and x >> s is floor(x / 2**s), s < 8 (a Python int, or a uint8 tensor where `unpack_at` reads
-    each outlier's code from its own bit offset: 2**s is then a uint8 tensor, at most 128); sort
-    only orders the few outlier indices of a chunk."""
+    and x >> s is floor(x / 2**s), s < 8; sort only orders the few outlier indices of a chunk."""
     aten = torch.ops.aten
 
     def lshift(x, s):
         return x * (1 << int(s))
 
     def rshift(x, s):
-        return torch.div(x, 2**s, rounding_mode="floor")
+        return torch.div(x, 1 << int(s), rounding_mode="floor")
 
     def sort(x, dim=-1, descending=False):
         return torch.topk(x, x.shape[dim], dim, largest=descending, sorted=True)
 
-    return {aten.__lshift__.Scalar: lshift, aten.__rshift__.Scalar: rshift,
-            aten.__rshift__.Tensor: rshift, aten.sort.default: sort}
+    return {aten.__lshift__.Scalar: lshift, aten.__rshift__.Scalar: rshift, aten.sort.default: sort}
 
 
 def check_supported(recipe: Recipe, model: CausalLMExportableModule) -> None:

@@ -32,7 +32,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from gearfx.compress import gear, h2o, quantize, rotation
+from gearfx.compress import gear, h2o, rotation
 from gearfx.compress.gear import Chunk
 from gearfx.compress.layout import kept_dtype, slots
 from gearfx.compress.sinks import held_elsewhere, is_sink, sink_positions
@@ -62,7 +62,7 @@ class Corrections(NamedTuple):
     scores and outputs without rebuilding the full-precision keys and values.
 
     a [B, H, N, C, r], b [B, H, N, D, r]: low-rank factors of each chunk (or None);
-    delta [B, H, N*k]: outlier value minus what codes + factors give there (or None), at token
+    delta [B, H, N*k]: the stored outlier deltas (`gear.Chunk`) (or None), at token
     position pos [B, H, N*k] (in 0..N*C) and channel dim [B, H, N*k]; tokens = N*C; head_dim = D.
     """
 
@@ -104,8 +104,7 @@ class Corrections(NamedTuple):
 
 
 def _corrections(c: Chunk, spec: TensorSpec) -> Corrections | None:
-    """The factored corrections of a compressed store (None without factors or outliers); only the
-    outlier entries are dequantized, to take what codes and factors give there off their values."""
+    """The factored corrections of a compressed store (None without factors or outliers)."""
     if c.a is None and c.outlier_index is None:
         return None
     n, t = c.codes.shape[2:4]
@@ -115,26 +114,10 @@ def _corrections(c: Chunk, spec: TensorSpec) -> Corrections | None:
         a, b = c.a.float(), c.b.float()
     if c.outlier_index is not None:
         idx = c.outlier_index.long()  # [B, H, N, k] flat in each chunk's T x D
-        ta, db = idx // d, idx % d
-        there = _dequantize_at(c, spec, ta, db)
-        if a is not None:  # what the factors add at each outlier
-            there = there + (a.gather(-2, ta[..., None].expand(*ta.shape, a.shape[-1]))
-                             * b.gather(-2, db[..., None].expand(*db.shape, b.shape[-1]))).sum(-1)
-        delta = (c.outlier_values.float() - there).flatten(2)
         chunk = torch.arange(n, device=idx.device)[:, None] * t
-        pos, dim = (ta + chunk).flatten(2), db.flatten(2)
+        pos, dim = (idx // d + chunk).flatten(2), (idx % d).flatten(2)
+        delta = c.outlier_delta.float().flatten(2)
     return Corrections(a, b, delta, pos, dim, n * t, d)
-
-
-def _dequantize_at(c: Chunk, spec: TensorSpec, tok: torch.Tensor, chan: torch.Tensor) -> torch.Tensor:
-    """The dequantized codes at (token, channel) of each chunk: tok, chan [B, H, N, k] -> fp32."""
-    code = quantize.unpack_at(c.codes, spec.bits, tok, chan)
-    if spec.axis == "channel":
-        meta = (tok // spec.group) * c.scale.shape[-1] + chan
-    else:
-        meta = tok * c.scale.shape[-1] + chan // spec.group
-    s, m = (x.flatten(-2).gather(-1, meta).float() for x in (c.scale, c.minimum))
-    return code.float() * s + m
 
 
 def write_slots(state, part: str, fields: dict[str, torch.Tensor], index: torch.Tensor) -> None:

@@ -9,9 +9,9 @@ over the cache, without ever materialising K or V:
     out   = p · deq(codes)  + (p · A) · Bᵀ + p[token] · delta         (per channel)
 
 where deq unpacks torchao's uintx shards in registers, (A, B) are each chunk's GEAR factors and
-delta = outlier value − what codes and factors give there (computed in-kernel from the stored
-value, so the stored state is the reference's). Sparse corrections become small dense products
-with one-hot matrices, which keeps every step a tensor-core `tl.dot`.
+delta = outlier value − what codes and factors give there, stored so at chunk close
+(`gear.Chunk`): the kernel reads it as is. Sparse corrections become small dense products with
+one-hot matrices, which keeps every step a tensor-core `tl.dot`.
 
 The grid is (batch · KV heads, splits + 1): every program takes the query heads of one KV head
 (GQA/MQA for free), splits walk the compressed store flash-decoding style, and the last program
@@ -152,27 +152,16 @@ def _tile(codes, scale, minimum, tok, t0, ntok, ok, D: tl.constexpr, BITS: tl.co
 
 
 @triton.jit
-def _outliers(codes, scale, minimum, fa, fb, values, index, chunk0, nchunks,
-              D: tl.constexpr, C: tl.constexpr, BITS: tl.constexpr, CHANNEL: tl.constexpr,
-              GROUP: tl.constexpr, RANK: tl.constexpr, R_PAD: tl.constexpr, K: tl.constexpr,
+def _outliers(delta, index, chunk0, nchunks, D: tl.constexpr, C: tl.constexpr, K: tl.constexpr,
               NCB: tl.constexpr, K_PAD: tl.constexpr):
     """The outliers of chunks chunk0 .. chunk0+NCB-1: (token, channel, delta), each [K_PAD], delta
-    = stored value − codes − factors there (0 on padding)."""
+    as stored (`gear.Chunk`; 0 on padding)."""
     j = tl.arange(0, K_PAD)
     n = chunk0 + j // K
     ok = (j < NCB * K) & (n < nchunks)
     flat = tl.load(index + n * K + j % K, mask=ok, other=0).to(tl.int32)
-    tok = n * C + flat // D
-    chan = flat % D
-    there = _load(codes, scale, minimum, tok, chan, ok, D, BITS, CHANNEL, GROUP)
-    if RANK > 0:
-        r = tl.arange(0, R_PAD)
-        rm = ok[:, None] & (r[None, :] < RANK)
-        a = tl.load(fa + tok[:, None] * RANK + r[None, :], mask=rm, other=0.0).to(tl.float32)
-        b = tl.load(fb + (n[:, None] * D + chan[:, None]) * RANK + r[None, :], mask=rm, other=0.0).to(tl.float32)
-        there += tl.sum(a * b, axis=1)
-    value = tl.load(values + n * K + j % K, mask=ok, other=0.0).to(tl.float32)
-    return tok, chan, tl.where(ok, value - there, 0.0)
+    value = tl.load(delta + n * K + j % K, mask=ok, other=0.0).to(tl.float32)
+    return n * C + flat // D, flat % D, value
 
 
 @triton.jit
@@ -212,7 +201,7 @@ def _online(s, m_i, l_i, acc):
 
 @triton.jit
 def _decode_kernel(
-    Q, KC, KS, KM, KA, KB, KOV, KOI, VC, VS, VM, VA, VB, VOV, VOI,
+    Q, KC, KS, KM, KA, KB, KOD, KOI, VC, VS, VM, VA, VB, VOD, VOI,
     WK, WV, FK, FV, SK, SV, START, MASK, POS, CPOS,
     M_OUT, L_OUT, ACC_OUT, LOGITS,
     sm_scale, T, mask_stride, split_len,
@@ -293,10 +282,8 @@ def _decode_kernel(
                 qb = tl.sum(qf[:, :, None] * bk[None, :, :], axis=1)
                 s += tl.sum(qb[:, None, :] * ak[None, :, :], axis=2)
             if K_OUT > 0:  # q[chan] · delta at each outlier's token
-                otok, ochan, delta = _outliers(
-                    kc, ks, km, KA + bh * T * K_RANK, KB + bh * nchunks * D * K_RANK,
-                    KOV + bh * nchunks * K_OUT, KOI + bh * nchunks * K_OUT, chunk, nchunks,
-                    D, C, K_BITS, K_CHANNEL, K_GROUP, K_RANK, K_RPAD, K_OUT, NCB, K_OPAD)
+                otok, ochan, delta = _outliers(KOD + bh * nchunks * K_OUT, KOI + bh * nchunks * K_OUT,
+                                               chunk, nchunks, D, C, K_OUT, NCB, K_OPAD)
                 qo = tl.load(Q + bh * G * D + g[:, None] * D + ochan[None, :], mask=gm[:, None], other=0.0)
                 hit = otok[:, None] == tok[None, :]
                 if not POSITIONAL:  # a token read exactly has no correction
@@ -320,10 +307,8 @@ def _decode_kernel(
                 pa = tl.sum(p[:, :, None] * av[None, :, :], axis=1)
                 acc += tl.sum(pa[:, None, :] * bv[None, :, :], axis=2)
             if V_OUT > 0:  # p[token] · delta at each outlier's channel
-                otok, ochan, delta = _outliers(
-                    vc, vs, vm, VA + bh * T * V_RANK, VB + bh * nchunks * D * V_RANK,
-                    VOV + bh * nchunks * V_OUT, VOI + bh * nchunks * V_OUT, chunk, nchunks,
-                    D, C, V_BITS, V_CHANNEL, V_GROUP, V_RANK, V_RPAD, V_OUT, NCB, V_OPAD)
+                otok, ochan, delta = _outliers(VOD + bh * nchunks * V_OUT, VOI + bh * nchunks * V_OUT,
+                                               chunk, nchunks, D, C, V_OUT, NCB, V_OPAD)
                 hit = tok[:, None] == otok[None, :]
                 if not POSITIONAL:
                     hit = hit & ~exact[:, None]
@@ -421,7 +406,7 @@ def _part(state: dict[str, torch.Tensor], part: str, spec: TensorSpec, chunk: in
     rank = spec.resolve_rank(chunk) if spec.quantized else 0
     k = spec.num_outliers(chunk, dummy.shape[-1]) if spec.quantized else 0
     tensors = (get("codes") if spec.quantized else state[f"{part}.data"], get("scale"), get("minimum"),
-               get("a"), get("b"), get("outlier_values"), get("outlier_index"))
+               get("a"), get("b"), get("outlier_delta"), get("outlier_index"))
     consts = dict(BITS=spec.bits, CHANNEL=spec.axis == "channel", GROUP=spec.group if spec.quantized else 1,
                   RANK=rank, RPAD=_pow2(rank), OUT=k)
     return tensors, consts
