@@ -51,10 +51,12 @@ def matrix(head_dim: int, seed: int, device: torch.device | str | None = None) -
     if isinstance(head_dim, int) and (head_dim < 1 or head_dim & (head_dim - 1)):
         raise ValueError(f"a Hadamard rotation needs a power-of-2 head_dim, not {head_dim}")
     i = torch.arange(head_dim, device=device)
-    parity = torch.zeros(head_dim, head_dim, dtype=torch.int64, device=device)
-    for bit in range(_MAX_LOG2_DIM):  # a fixed count: head_dim may be symbolic while tracing
-        parity = parity + _bit(i, bit)[:, None] * _bit(i, bit)[None, :]
-    h = 1.0 - 2.0 * (parity % 2).float()
+    # a fixed count: head_dim may be symbolic while tracing
+    bits = torch.stack([_bit(i, bit) for bit in range(_MAX_LOG2_DIM)], dim=-1).float()  # [D, 16]
+    # popcount(i & j) as one small matmul (exact in fp32: at most 16): the compiled decode step
+    # rebuilds R every call, and integer // and % over all D x D x 16 bits cost milliseconds
+    parity = bits @ bits.mT
+    h = 1.0 - 2.0 * (parity % 2)
     return signs(head_dim, seed, device)[:, None] * h / head_dim**0.5
 
 

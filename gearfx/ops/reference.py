@@ -27,6 +27,7 @@ Every shape is static (capacity, chunk slots, H2O slots), so a decode step compi
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import NamedTuple
 
 import torch
@@ -167,7 +168,7 @@ def attend(
     tokens' positions; attn_mask [B, 1, L, capacity] (bool or additive) or None (causal);
     state: the layer's state tensors by layout name, updated in place. Returns [B, Hq, L, D].
     """
-    return with_rotation(_attend, q, k, v, cache_position, attn_mask, scale, recipe, capacity, state)
+    return with_rotation(attend_rotated, q, k, v, cache_position, attn_mask, scale, recipe, capacity, state)
 
 
 def with_rotation(attend_fn, q, k, v, cache_position, attn_mask, scale, recipe, capacity, state):
@@ -175,13 +176,22 @@ def with_rotation(attend_fn, q, k, v, cache_position, attn_mask, scale, recipe, 
     if not recipe.rotate:
         return attend_fn(q, k, v, cache_position, attn_mask, scale, recipe, capacity, state)
     # orthogonal: attention over rotated q, k, v is the same attention
-    r = rotation.matrix(q.shape[-1], recipe.seed, q.device)
+    if _tracing(q):  # built in the graph from aranges (export needs no constant)
+        r = rotation.matrix(q.shape[-1], recipe.seed, q.device)
+    else:
+        r = _rotation_matrix(q.shape[-1], recipe.seed, q.device)
     q, k, v = (rotation.rotate(x, r) for x in (q, k, v))
     out = attend_fn(q, k, v, cache_position, attn_mask, scale, recipe, capacity, state)
     return rotation.unrotate(out, r)
 
 
-def _attend(q, k, v, cache_position, attn_mask, scale, recipe, capacity, state):
+@lru_cache(maxsize=None)
+def _rotation_matrix(head_dim: int, seed: int, device: torch.device) -> torch.Tensor:
+    return rotation.matrix(head_dim, seed, device)
+
+
+def attend_rotated(q, k, v, cache_position, attn_mask, scale, recipe, capacity, state):
+    """`attend` without the recipe's rotation: q, k, v are already rotated (`with_rotation`)."""
     if recipe.h2o is not None:
         return _attend_h2o(q, k, v, cache_position, attn_mask, scale, recipe, capacity, state)
     if not recipe.compresses:
