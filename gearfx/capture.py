@@ -9,7 +9,8 @@ Two kinds of decoder:
   as `module(input_ids [B, L], cache_position [L]) -> logits [B, L, V]`.
 
 One program is exported, with a dynamic sequence length: prompts of any length and single-token
-decode steps run through it (torch.compile specialises the L = 1 case into its own graph).
+decode steps run through it (torch.compile specialises the L = 1 case into its own graph). It is
+exported on the device of the model's parameters (or of a plain module's cache buffers).
 """
 
 from __future__ import annotations
@@ -87,17 +88,19 @@ def export_decoder(model: nn.Module, batch_size: int | None = None, max_cache_le
             if batch_size is None or max_cache_len is None:
                 raise ValueError("a transformers model needs batch_size and max_cache_len")
             module = HFDecoder(model.eval(), batch_size, max_cache_len)
+            device = next(model.parameters()).device
             seq = Dim("seq", min=1, max=max_cache_len - 1)
             example = dict(
-                input_ids=torch.zeros(batch_size, 2, dtype=torch.long),
-                attention_mask=torch.ones(batch_size, max_cache_len, dtype=torch.long),
-                position_ids=torch.arange(2).expand(batch_size, 2),
-                cache_position=torch.arange(2),
+                input_ids=torch.zeros(batch_size, 2, dtype=torch.long, device=device),
+                attention_mask=torch.ones(batch_size, max_cache_len, dtype=torch.long, device=device),
+                position_ids=torch.arange(2, device=device).expand(batch_size, 2),
+                cache_position=torch.arange(2, device=device),
             )
             shapes = dict(input_ids={1: seq}, attention_mask=None, position_ids={1: seq}, cache_position={0: seq})
             # strict: the model reaches its cache through the StaticCache object, not the module's
             # buffer table; only dynamo sees that these are the same tensors as the buffers.
             ep = torch.export.export(module, (), example, dynamic_shapes=shapes, strict=True)
+            _release_cache(ep, len(module.cache.layers))
             return Decoder(ep, batch_size, max_cache_len, True, *_special_tokens(model))
         caches = [b for b in model.buffers() if b.dim() == 4]
         if not caches:
@@ -107,6 +110,23 @@ def export_decoder(model: nn.Module, batch_size: int | None = None, max_cache_le
             raise ValueError(f"{type(model).__name__}'s cache buffers are [B={b}, T={t}]; a plain module's "
                              "batch size and capacity are those of its buffers")
         seq = Dim("seq", min=1, max=t - 1)
-        example = (torch.zeros(b, 2, dtype=torch.long), torch.arange(2))
+        device = caches[0].device
+        example = (torch.zeros(b, 2, dtype=torch.long, device=device), torch.arange(2, device=device))
         ep = torch.export.export(model.eval(), example, dynamic_shapes=({1: seq}, {0: seq}))
         return Decoder(ep, b, t, takes_mask=False)
+
+
+def _release_cache(ep: ExportedProgram, layers: int) -> None:
+    """Free the memory of the StaticCache that was traced (layers x B x capacity, both K and V).
+
+    Dynamo keeps the traced module, and with it that cache, alive for the rest of the process (a
+    global of the code it generates), while the program needs only the cache's shape: every
+    recipe replaces it (`rewrite_kv`). So its storage is released, and the program keeps zeros of
+    the same shape that take no memory (one element, stride 0); the captured program itself is
+    for `gearfx.compile` / `export`, which replace them, not for running as is.
+    """
+    for i in range(layers):
+        for name in (f"key_cache_{i}", f"value_cache_{i}"):
+            traced = ep.constants[name]
+            ep.constants[name] = traced.new_zeros(()).expand(traced.shape)
+            traced.untyped_storage().resize_(0)

@@ -162,6 +162,22 @@ def test_a_captured_decoder_compiles_each_recipe_as_the_model_does():
         gearfx.compile(decoder, "fp16", max_cache_len=64)
 
 
+def test_capture_releases_the_static_cache_it_traced(monkeypatch):
+    """Dynamo keeps the traced module (and so its StaticCache) alive after a strict export; the
+    capture frees that cache's memory and leaves zeros of its shape that take none."""
+    from gearfx.capture import HFDecoder
+
+    traced = []
+    init = HFDecoder.__init__
+    monkeypatch.setattr(HFDecoder, "__init__", lambda self, *a: (init(self, *a), traced.append(self))[0])
+    decoder = gearfx.capture(tiny.hf("llama"), max_cache_len=96, batch_size=2)
+    (module,) = traced
+    for i in range(2):
+        assert module.get_buffer(f"key_cache_{i}").untyped_storage().nbytes() == 0
+        kept = decoder.program.constants[f"value_cache_{i}"]
+        assert kept.shape == (2, 2, 96, 64) and kept.stride() == (0, 0, 0, 0) and not kept.any()
+
+
 def test_gear_4bit_logits_stay_close_to_fp16():
     model = tiny.hf("llama")
     ids, _ = padded_batch(batch=1)
