@@ -51,13 +51,19 @@ import argparse
 import copy
 import gc
 import json
+import os
 import platform
 import time
 
-import torch
-import transformers
+# Growing caches (HF's DynamicCache reallocates every step) fragment the default allocator's
+# segments; a largest-batch measurement should be bounded by memory, not by fragmentation. Read
+# at CUDA's first allocation, so it must be set before.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
-import gearfx
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+import gearfx  # noqa: E402
 
 LLAMA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                 num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
@@ -263,6 +269,7 @@ class Bench:
                       date=time.strftime("%Y-%m-%d")),
             config=dict(model=self.config, dtype=str(self.dtype), prompt=args.prompt, new=args.new,
                         capacity=self.capacity, probe_batch=self.probe_batch, headroom=HEADROOM, step_down=STEP_DOWN,
+                        alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
                         hf="model.generate, DynamicCache, sdpa, greedy",
                         gearfx="capture(last_logits_only=True) + compile(recipe)" + (", eager" if args.eager else "")),
             check=[], rows=[])
