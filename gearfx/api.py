@@ -18,11 +18,14 @@ from gearfx.recipes import Recipe, load_recipe
 from gearfx.runtime import CompiledModel
 
 
-def capture(model: nn.Module, *, max_cache_len: int | None = None, batch_size: int | None = None) -> Decoder:
+def capture(model: nn.Module, *, max_cache_len: int | None = None, batch_size: int | None = None,
+            last_logits_only: bool = False) -> Decoder:
     """Export `model`'s decoder step (see `compile` for what model may be) with a cache of
     max_cache_len tokens for batch_size rows, for `compile` / `export` with any number of recipes.
-    The captured program shares the model's weights."""
-    return export_decoder(model, batch_size, max_cache_len)
+    The captured program shares the model's weights. last_logits_only (transformers models): a
+    step returns the logits of its last position only, [B, 1, V], as `generate` computes them,
+    so a long prompt's prefill holds no [B, L, V] logits."""
+    return export_decoder(model, batch_size, max_cache_len, last_logits_only)
 
 
 def _decoder(model: nn.Module | Decoder, batch_size, max_cache_len) -> Decoder:

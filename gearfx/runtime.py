@@ -50,6 +50,8 @@ class CompiledModel:
     With compile=True the program runs under Inductor, its attention sites calling the opaque
     gearfx::attend_kernel; with compile=False it runs eagerly on the reference op. Position
     state lives here: `prefill` starts a sequence batch, `decode` appends one token per row.
+    Everything runs on `device`, the device of the cache state (the model's): inputs on another
+    device are moved there, and logits and tokens are returned there.
     """
 
     def __init__(self, decoder: Decoder, program: ExportedProgram, recipe: Recipe,
@@ -67,6 +69,7 @@ class CompiledModel:
         else:
             self._module = program.module()
             self._step = self._module
+        self.device = next(b for n, b in self._module.named_buffers() if n.startswith(STATE_PREFIX)).device
         self._position = 0
         self._mask = None  # [B, max_cache_len] for transformers models: 1 = real token
         self._next_pos = None  # [B, 1] next position id of each row
@@ -79,7 +82,7 @@ class CompiledModel:
             raise CacheOverflowError(
                 f"cache full: {self._position} tokens cached + {length} new > max_cache_len="
                 f"{self.max_cache_len}; compile with a larger max_cache_len")
-        cache_position = torch.arange(self._position, self._position + length)
+        cache_position = torch.arange(self._position, self._position + length, device=self.device)
         with torch.no_grad():
             if self._takes_mask:
                 logits = self._step(input_ids=input_ids, attention_mask=self._mask,
@@ -91,16 +94,16 @@ class CompiledModel:
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Start new sequences. input_ids [B, L], left-padded where attention_mask [B, L] is 0.
-        Returns logits [B, L, V]."""
+        Returns logits [B, L, V] ([B, 1, V] from a decoder captured with last_logits_only)."""
         b, length = input_ids.shape
         if b != self.batch_size:
             raise ValueError(f"batch of {b} rows; this model was compiled for batch_size={self.batch_size}")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+        input_ids = input_ids.to(self.device)
+        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)
         if not self._takes_mask and not bool(attention_mask.all()):
             raise ValueError("this module takes no attention mask, so it cannot run padded batches")
         self._position = 0
-        self._mask = torch.zeros(b, self.max_cache_len, dtype=torch.long)
+        self._mask = torch.zeros(b, self.max_cache_len, dtype=torch.long, device=self.device)
         self._mask[:, :length] = attention_mask
         positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
         self._next_pos = positions[:, -1:] + 1
@@ -113,7 +116,7 @@ class CompiledModel:
         if self._position < self.max_cache_len:
             self._mask[:, self._position] = 1
         positions = self._next_pos
-        logits = self._run(input_ids, positions)
+        logits = self._run(input_ids.to(self.device), positions)
         self._next_pos = positions + 1
         return logits
 
@@ -128,9 +131,9 @@ class CompiledModel:
             raise CacheOverflowError(
                 f"prompt of {input_ids.shape[1]} tokens + {max_new_tokens} new tokens needs "
                 f"{input_ids.shape[1] + max_new_tokens - 1} cache slots > max_cache_len={self.max_cache_len}")
-        pick = _sampler(do_sample, temperature, top_p, top_k, seed)
-        eos = torch.tensor(self.eos_token_ids, dtype=torch.long)
-        finished = torch.zeros(input_ids.shape[0], dtype=torch.bool)
+        pick = _sampler(do_sample, temperature, top_p, top_k, seed, self.device)
+        eos = torch.tensor(self.eos_token_ids, dtype=torch.long, device=self.device)
+        finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=self.device)
         logits = self.prefill(input_ids, attention_mask)[:, -1]
         for i in range(max_new_tokens):
             token = pick(logits)
@@ -145,14 +148,14 @@ class CompiledModel:
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                  max_new_tokens: int, on_token: Callable[[torch.Tensor], None] | None = None,
                  **sampling) -> torch.Tensor:
-        """Prompt + new tokens, [B, L + up to max_new_tokens]; greedy unless do_sample=True (see
-        `stream`)."""
+        """Prompt + new tokens, [B, L + up to max_new_tokens], on `device`; greedy unless
+        do_sample=True (see `stream`)."""
         new = []
         for token in self.stream(input_ids, attention_mask, max_new_tokens=max_new_tokens, **sampling):
             new.append(token)
             if on_token is not None:
                 on_token(token)
-        return torch.cat([input_ids, torch.stack(new, dim=1)], dim=1)
+        return torch.cat([input_ids.to(self.device), torch.stack(new, dim=1)], dim=1)
 
     # ---- memory ----
 
@@ -167,14 +170,15 @@ class CompiledModel:
         return MemoryReport(self.recipe.name, components, fp16_bytes(layers, b, h, d, t))
 
 
-def _sampler(do_sample: bool, temperature: float, top_p: float, top_k: int, seed: int | None):
+def _sampler(do_sample: bool, temperature: float, top_p: float, top_k: int, seed: int | None,
+             device: torch.device):
     """A function logits [B, V] -> tokens [B]: argmax, or seeded temperature/top-k/top-p sampling."""
     if not do_sample:
         return lambda logits: logits.argmax(dim=-1)
     if temperature <= 0 or not 0 < top_p <= 1 or top_k < 0:
         raise ValueError(f"sampling needs temperature > 0, 0 < top_p <= 1, top_k >= 0; got "
                          f"temperature={temperature}, top_p={top_p}, top_k={top_k}")
-    generator = torch.Generator()
+    generator = torch.Generator(device)
     if seed is not None:
         generator.manual_seed(seed)
 

@@ -162,6 +162,42 @@ def test_a_captured_decoder_compiles_each_recipe_as_the_model_does():
         gearfx.compile(decoder, "fp16", max_cache_len=64)
 
 
+def test_capture_releases_the_static_cache_it_traced(monkeypatch):
+    """Dynamo keeps the traced module (and so its StaticCache) alive after a strict export; the
+    capture frees that cache's memory and leaves zeros of its shape that take none."""
+    from gearfx.capture import HFDecoder
+
+    traced = []
+    init = HFDecoder.__init__
+    monkeypatch.setattr(HFDecoder, "__init__", lambda self, *a: (init(self, *a), traced.append(self))[0])
+    decoder = gearfx.capture(tiny.hf("llama"), max_cache_len=96, batch_size=2)
+    (module,) = traced
+    for i in range(2):
+        assert module.get_buffer(f"key_cache_{i}").untyped_storage().nbytes() == 0
+        kept = decoder.program.constants[f"value_cache_{i}"]
+        assert kept.shape == (2, 2, 96, 64) and kept.stride() == (0, 0, 0, 0) and not kept.any()
+
+
+def test_last_logits_only_computes_the_same_last_logits():
+    """A decoder captured with last_logits_only (HF's logits_to_keep=1) returns [B, 1, V] from a
+    prefill, equal to the last position of the full logits, and the same steps after it."""
+    model = tiny.hf("llama")
+    ids, mask = padded_batch()
+    full = gearfx.compile(gearfx.capture(model, max_cache_len=96, batch_size=2), "gear-4bit", backend_compile=False)
+    last = gearfx.compile(gearfx.capture(model, max_cache_len=96, batch_size=2, last_logits_only=True), "gear-4bit",
+                          backend_compile=False)
+    want, got = full.prefill(ids, mask), last.prefill(ids, mask)
+    assert got.shape == (2, 1, 256) and want.shape == (2, PROMPT_LEN, 256)
+    torch.testing.assert_close(got, want[:, -1:])
+    tok = want[:, -1:].argmax(-1)
+    for _ in range(70):  # through a chunk close (window 64)
+        want, got = full.decode(tok), last.decode(tok)
+        torch.testing.assert_close(got, want)
+        tok = want.argmax(-1)
+    with pytest.raises(ValueError, match="last_logits_only needs a transformers model"):
+        gearfx.capture(tiny.GptFast(), last_logits_only=True)
+
+
 def test_gear_4bit_logits_stay_close_to_fp16():
     model = tiny.hf("llama")
     ids, _ = padded_batch(batch=1)
