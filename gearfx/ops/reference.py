@@ -265,7 +265,7 @@ def _attend_many(q, k, v, cache_position, start, attn_mask, scale, recipe, capac
     the new tokens dominate the work), by SDPA: no [L, capacity] scores per head are held, so a
     long prompt costs the rebuilt keys and values, not L x capacity x heads floats. start [B]:
     each row's first real position. Returns (out [B, Hq, L, D], the rebuilt sequence of keys and
-    values [B, H, N*C, D] fp32 by part, the new tokens in it)."""
+    values [B, H, N*C, D] in q's dtype by part, the new tokens in it)."""
     b, h, length, d = k.shape
     n, c = slots(recipe, capacity)
     first = cache_position[:1] // c
@@ -274,23 +274,36 @@ def _attend_many(q, k, v, cache_position, start, attn_mask, scale, recipe, capac
         pos = torch.arange(n * c, device=q.device)[None]
         sunk = is_sink(pos, start, recipe.sinks)[:, None, :, None]  # [B, 1, N*C, 1]
         held = (pos - start[:, None]).clamp(0, recipe.sinks - 1)[:, None, :, None].expand(b, h, n * c, d)
+    # the model's dtype, not fp32: these [B, H, N*C, D] tensors are the prefill's scratch memory,
+    # and the kept dtype the caller re-compresses them in is never wider (`kept_dtype`)
+    dtype = q.dtype
     base = {}
     for part, x in (("key", k), ("value", v)):
         spec = getattr(recipe, part)
         if spec.quantized:
-            rebuilt = gear.decompress(_chunk(state, part), spec, torch.float32)  # [B, H, N, C, D]
+            rebuilt = gear.decompress(_chunk(state, part), spec, dtype)  # [B, H, N, C, D]
         else:
-            rebuilt = state[f"{part}.data"].float()
-        window = state[f"window.{part}"][:, :, None].float()
+            rebuilt = state[f"{part}.data"].to(dtype)
+        window = state[f"window.{part}"][:, :, None].to(dtype)
         rebuilt = torch.where((chunk_ids == first)[:, None, None], window, rebuilt).reshape(b, h, n * c, d)
         if recipe.sinks:
-            rebuilt = torch.where(sunk, state[f"sink.{part}"].float().gather(2, held), rebuilt)
-        base[part] = rebuilt.index_copy(2, cache_position, x.float())
+            rebuilt = torch.where(sunk, state[f"sink.{part}"].to(dtype).gather(2, held), rebuilt)
+        base[part] = rebuilt.index_copy(2, cache_position, x.to(dtype))
+    # positions past capacity are chunk padding, masked anyway: slicing them off the keys spares
+    # padding the mask. Additive in q's dtype: SDPA turns a bool mask into one of these itself,
+    # and finfo.min keeps a fully masked row (left padding) finite.
+    bias = _bias(attn_mask, cache_position, capacity, dtype)  # [B|1, 1|Hq, L, capacity]
+    keys, values = base["key"][:, :, :capacity], base["value"][:, :, :capacity]
+    # GQA: one SDPA per query head of each KV head, all reading the same keys and values, rather
+    # than keys and values repeated per query head (or a mask repeated per head, if the g heads
+    # were folded into the query rows)
     g = q.shape[1] // h
-    bias = _bias(attn_mask, cache_position, n * c, torch.float32)  # [B|1, 1|Hq, L, N*C]
-    out = F.scaled_dot_product_attention(q.float(), _repeat_kv(base["key"], g), _repeat_kv(base["value"], g),
-                                         attn_mask=bias, scale=scale)
-    return out.to(q.dtype), base
+    qs = q.unflatten(1, (h, g))
+    masks = bias.unflatten(1, (h, g)) if bias.shape[1] > 1 else bias[:, :, None].expand(-1, -1, g, -1, -1)
+    out = q.new_empty(qs.shape)  # written head by head: a stack would hold every head's output twice
+    for i in range(g):
+        out[:, :, i] = F.scaled_dot_product_attention(qs[:, :, i], keys, values, attn_mask=masks[:, :, i], scale=scale)
+    return out.flatten(1, 2), base
 
 
 def _attend_one(q, k, v, cache_position, start, attn_mask, scale, recipe, capacity, state):
