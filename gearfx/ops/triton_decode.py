@@ -8,22 +8,33 @@ over the cache, without ever materialising K or V:
     score = q · deq(codes)ᵀ + (q · B) · Aᵀ + q[dim] · delta          (per compressed token)
     out   = p · deq(codes)  + (p · A) · Bᵀ + p[token] · delta         (per channel)
 
-where deq unpacks torchao's uintx shards in registers, (A, B) are each chunk's GEAR factors and
-delta = outlier value − what codes and factors give there, stored so at chunk close
-(`gear.Chunk`): the kernel reads it as is. Sparse corrections become small dense products with
-one-hot matrices, which keeps every step a tensor-core `tl.dot`.
+where (A, B) are each chunk's GEAR factors and delta = outlier value − what codes and factors give
+there, stored so at chunk close (`gear.Chunk`): the kernel reads it as is.
+
+The kernel is bound by instructions, not bytes (an H100 ran gear-4bit at 15x its byte floor), so
+the hot loop does as little per code as it can:
+- 2/4/8-bit codes are read as whole bytes and each code position of a byte becomes its own
+  tensor-core `tl.dot` over the integer codes (`_scores`, `_values`): a per-channel scale and
+  minimum fold into q (or, per token, into p) once per block instead of being applied per code,
+  and codes become floats by two ALU ops (`_as_float`). Other widths gather code by code.
+- A key outlier is found by binary search in its chunk's sorted indices (`_key_outliers`), a
+  value outlier is added after the loop from the logits it stored (`_value_outliers`): one step
+  per outlier, where one-hot products over all of a chunk's outliers cost more than the codes.
+Measured without a GPU, by compiling for sm_90 and counting SASS (`bench/gpu_sass.py`).
 
 The grid is (batch · KV heads, splits + 1): every program takes the query heads of one KV head
 (GQA/MQA for free), splits walk the compressed store flash-decoding style, and the last program
 attends the full-precision tokens (sinks, the window being filled). H2O has no such program: its
 window's tokens and the newest one hold slots too, and the splits read them from full precision
-in place of the slots' codes. A second kernel merges the splits' partial softmaxes. For H2O it also returns the softmax
-normaliser so the per-slot attention mass (eviction scores) costs no extra pass over the cache.
+in place of the slots' codes. A second kernel merges the splits' partial softmaxes. For H2O it
+also returns the softmax normaliser so the per-slot attention mass (eviction scores) costs no
+extra pass over the cache.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import triton
@@ -84,8 +95,9 @@ def _load(codes, scale, minimum, tok, chan, mask, D: tl.constexpr, BITS: tl.cons
 
 @triton.jit
 def _perm(c, D: tl.constexpr, BITS: tl.constexpr):
-    """The channel held by column c of a tile: a tile unpacks a 2/4-bit row byte by byte, so its
-    columns come out interleaved (byte i's P = 8/BITS codes are channels i, i + D/P, ...)."""
+    """The channel held by column c of a value tile and of the output it accumulates: 2/4-bit rows
+    are read byte by byte, so columns come out interleaved (byte i's P = 8/BITS codes are channels
+    i, i + D/P, ..., side by side: `_value_block`)."""
     if BITS == 2 or BITS == 4:
         return (c % (8 // BITS)) * (D * BITS // 8) + c // (8 // BITS)
     else:
@@ -93,75 +105,208 @@ def _perm(c, D: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
-def _channel_scaled(q3, scale, minimum, t0, nrows, D: tl.constexpr, N: tl.constexpr, P: tl.constexpr,
-                    GROUP: tl.constexpr, R: tl.constexpr, BLOCK_T: tl.constexpr):
-    """codes q3 [BLOCK_T, N, P] (channel j*N + i at [., i, j]) of R scale rows -> fp32 values."""
-    i = tl.arange(0, N)[None, None, :, None]
-    j = tl.arange(0, P)[None, None, None, :]
-    rows = t0 // GROUP + tl.arange(0, R)[:, None, None, None]
-    meta = rows * D + j * N + i  # [R, 1, N, P]
-    s = tl.load(scale + meta, mask=rows < nrows, other=0.0).to(tl.float32)
-    m = tl.load(minimum + meta, mask=rows < nrows, other=0.0).to(tl.float32)
-    return tl.reshape(q3, [R, BLOCK_T // R, N, P]).to(tl.float32) * s + m
+def _bytes(codes, tok, ok, cb, W: tl.constexpr, N: tl.constexpr):
+    """Bytes cb*W .. cb*W + W - 1 of rows tok of a store packed N bytes a row: [BLOCK_T, W] int32."""
+    i = tl.arange(0, W)
+    return tl.load(codes + tok[:, None] * N + cb * W + i[None, :], mask=ok[:, None], other=0).to(tl.int32)
 
 
 @triton.jit
-def _token_scaled(q3, scale, minimum, tok, ok, D: tl.constexpr, N: tl.constexpr, P: tl.constexpr,
-                  GROUP: tl.constexpr, GS: tl.constexpr, BLOCK_T: tl.constexpr):
-    """codes q3 [BLOCK_T, N, P] with a scale per token and GROUP channels -> fp32 values; GS =
-    min(GROUP, N) consecutive bytes share a group."""
-    j = tl.arange(0, P)[None, None, None, :]
-    ng = tl.arange(0, N // GS)[None, :, None, None]
-    meta = tok[:, None, None, None] * (D // GROUP) + (j * N + ng * GS) // GROUP  # [BLOCK_T, N/GS, 1, P]
-    s = tl.load(scale + meta, mask=ok[:, None, None, None], other=0.0).to(tl.float32)
-    m = tl.load(minimum + meta, mask=ok[:, None, None, None], other=0.0).to(tl.float32)
-    return tl.reshape(q3, [BLOCK_T, N // GS, GS, P]).to(tl.float32) * s + m
+def _as_float(code, dtype: tl.constexpr):
+    """Integer codes (0 .. 255) as `dtype`, exactly: OR-ing a code into the mantissa of a power of
+    two and subtracting that power costs two ALU ops, where an int-to-float conversion runs at a
+    quarter of their rate."""
+    if dtype == tl.float16:  # 1024 + c, c < 1024
+        return (code | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1024.0
+    elif dtype == tl.float32:  # 2^23 + c
+        return (code | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+    else:  # bfloat16 holds 128 + c exactly only below c = 128: converted
+        return code.to(dtype)
+
+
+@triton.constexpr_function
+def _fast(BITS, CHANNEL, GROUP, BLOCK_T):
+    """Whether a store is read by whole bytes with its scales folded out of the dot (`_scores`,
+    `_values`): 2, 4 and 8 bits, and a tile's tokens sharing one scale row when scales are per
+    channel."""
+    return (BITS == 2 or BITS == 4 or BITS == 8) and (not CHANNEL or BLOCK_T <= GROUP)
 
 
 @triton.jit
-def _tile(codes, scale, minimum, tok, t0, ntok, ok, D: tl.constexpr, BITS: tl.constexpr,
-          CHANNEL: tl.constexpr, GROUP: tl.constexpr, BLOCK_T: tl.constexpr):
-    """Stored values of tokens tok = t0 + [0, BLOCK_T) as a [BLOCK_T, D] fp32 tile, columns in
-    `_perm` order; ntok: tokens in the store.
+def _key_piece(s, q_rows, byte, scale, minimum, tok, t0, ok, gm, j, cb, D: tl.constexpr, BITS: tl.constexpr,
+               CHANNEL: tl.constexpr, GROUP: tl.constexpr, W: tl.constexpr, N: tl.constexpr, DOT: tl.constexpr):
+    """s + the scores over channels j*N + cb*W + [0, W), the j-th code of each of bytes cb*W ..
+    (torchao's layout: code j*N + i in bits j*BITS.. of byte i). The dot reads the codes as they
+    are: a per-channel scale folds into q, a per-token one scales the dot's result."""
+    chan = j * N + cb * W + tl.arange(0, W)
+    q = tl.load(q_rows + chan[None, :], mask=gm[:, None], other=0.0)
+    qf = q.to(tl.float32)
+    code = _as_float((byte >> (j * BITS)) & ((1 << BITS) - 1), q.dtype)
+    if CHANNEL:  # the tile's tokens share scale row t0 // GROUP
+        meta = (t0 // GROUP) * D + chan
+        sc = tl.load(scale + meta).to(tl.float32)
+        mn = tl.load(minimum + meta).to(tl.float32)
+        s = tl.dot((qf * sc[None, :]).to(q.dtype), tl.trans(code), s, input_precision=DOT)
+        return s + tl.sum(qf * mn[None, :], axis=1)[:, None]
+    else:  # the W channels share one group of each token
+        meta = tok * (D // GROUP) + (j * N + cb * W) // GROUP
+        sc = tl.load(scale + meta, mask=ok, other=0.0).to(tl.float32)
+        mn = tl.load(minimum + meta, mask=ok, other=0.0).to(tl.float32)
+        dots = tl.dot(q, tl.trans(code), input_precision=DOT)
+        return s + dots * sc[None, :] + tl.sum(qf, axis=1)[:, None] * mn[None, :]
 
-    2 and 4 bits read each row's bytes once, contiguously, split them in registers and apply
-    scales loaded once per group; other widths gather each code and scale."""
-    if BITS == 2 or BITS == 4:
-        byte = tl.load(codes + tok[:, None] * (D * BITS // 8) + tl.arange(0, D * BITS // 8)[None, :],
-                       mask=ok[:, None], other=0).to(tl.int32)
-        shifts = tl.arange(0, 8 // BITS) * BITS
-        q3 = (byte[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)  # [BLOCK_T, N, P]
-        if CHANNEL:
-            if GROUP >= BLOCK_T:
-                x = _channel_scaled(q3, scale, minimum, t0, ntok // GROUP, D, D * BITS // 8, 8 // BITS,
-                                    GROUP, 1, BLOCK_T)
-            else:
-                x = _channel_scaled(q3, scale, minimum, t0, ntok // GROUP, D, D * BITS // 8, 8 // BITS,
-                                    GROUP, BLOCK_T // GROUP, BLOCK_T)
-        else:
-            if GROUP >= D * BITS // 8:
-                x = _token_scaled(q3, scale, minimum, tok, ok, D, D * BITS // 8, 8 // BITS, GROUP,
-                                  D * BITS // 8, BLOCK_T)
-            else:
-                x = _token_scaled(q3, scale, minimum, tok, ok, D, D * BITS // 8, 8 // BITS, GROUP,
-                                  GROUP, BLOCK_T)
-        return tl.reshape(x, [BLOCK_T, D])
+
+@triton.jit
+def _scores(q_rows, codes, scale, minimum, tok, t0, ok, gm, D: tl.constexpr, BITS: tl.constexpr,
+            CHANNEL: tl.constexpr, GROUP: tl.constexpr, W: tl.constexpr, BLOCK_T: tl.constexpr,
+            G_PAD: tl.constexpr, DOT: tl.constexpr):
+    """Queries q_rows [G_PAD, 1] (row pointers) · the stored keys of tokens tok = t0 + [0,
+    BLOCK_T)ᵀ: [G_PAD, BLOCK_T] fp32. W: bytes of a row read per dot (a per-token scale group)."""
+    if _fast(BITS, CHANNEL, GROUP, BLOCK_T):
+        N: tl.constexpr = D * BITS // 8
+        s = tl.zeros([G_PAD, BLOCK_T], tl.float32)
+        for cb in tl.static_range(N // W):
+            byte = _bytes(codes, tok, ok, cb, W, N)
+            for j in tl.static_range(8 // BITS):
+                s = _key_piece(s, q_rows, byte, scale, minimum, tok, t0, ok, gm, j, cb, D, BITS, CHANNEL,
+                               GROUP, W, N, DOT)
+        return s
     else:
-        perm = _perm(tl.arange(0, D), D, BITS)
-        return _load(codes, scale, minimum, tok[:, None], perm[None, :], ok[:, None], D, BITS, CHANNEL, GROUP)
+        d = tl.arange(0, D)
+        q = tl.load(q_rows + d[None, :], mask=gm[:, None], other=0.0)
+        k = _load(codes, scale, minimum, tok[:, None], d[None, :], ok[:, None], D, BITS, CHANNEL, GROUP)
+        return tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT)
 
 
 @triton.jit
-def _outliers(delta, index, chunk0, nchunks, D: tl.constexpr, C: tl.constexpr, K: tl.constexpr,
-              NCB: tl.constexpr, K_PAD: tl.constexpr):
-    """The outliers of chunks chunk0 .. chunk0+NCB-1: (token, channel, delta), each [K_PAD], delta
-    as stored (`gear.Chunk`; 0 on padding)."""
-    j = tl.arange(0, K_PAD)
-    n = chunk0 + j // K
-    ok = (j < NCB * K) & (n < nchunks)
-    flat = tl.load(index + n * K + j % K, mask=ok, other=0).to(tl.int32)
-    value = tl.load(delta + n * K + j % K, mask=ok, other=0.0).to(tl.float32)
-    return n * C + flat // D, flat % D, value
+def _value_piece(p, byte, scale, minimum, tok, t0, ok, j, cb, D: tl.constexpr, BITS: tl.constexpr,
+                 CHANNEL: tl.constexpr, GROUP: tl.constexpr, W: tl.constexpr, N: tl.constexpr,
+                 DOT: tl.constexpr, dtype: tl.constexpr):
+    """p [G_PAD, BLOCK_T] · the stored values of channels j*N + cb*W + [0, W): [G_PAD, W] fp32,
+    the scales folded out of the dot as in `_key_piece`."""
+    chan = j * N + cb * W + tl.arange(0, W)
+    code = _as_float((byte >> (j * BITS)) & ((1 << BITS) - 1), dtype)
+    if CHANNEL:
+        meta = (t0 // GROUP) * D + chan
+        sc = tl.load(scale + meta).to(tl.float32)
+        mn = tl.load(minimum + meta).to(tl.float32)
+        dots = tl.dot(p.to(dtype), code, input_precision=DOT)
+        return dots * sc[None, :] + tl.sum(p, axis=1)[:, None] * mn[None, :]
+    else:
+        meta = tok * (D // GROUP) + (j * N + cb * W) // GROUP
+        sc = tl.load(scale + meta, mask=ok, other=0.0).to(tl.float32)
+        mn = tl.load(minimum + meta, mask=ok, other=0.0).to(tl.float32)
+        return tl.dot((p * sc[None, :]).to(dtype), code, input_precision=DOT) + tl.sum(p * mn[None, :], axis=1)[:, None]
+
+
+@triton.jit
+def _value_block(p, codes, scale, minimum, tok, t0, ok, cb, D: tl.constexpr, BITS: tl.constexpr,
+                 CHANNEL: tl.constexpr, GROUP: tl.constexpr, W: tl.constexpr, G_PAD: tl.constexpr,
+                 DOT: tl.constexpr, dtype: tl.constexpr):
+    """p · the stored values of bytes cb*W .. cb*W + W - 1: [G_PAD, W * 8 / BITS], column i*P + j
+    for code j of byte i (`_perm` order)."""
+    N: tl.constexpr = D * BITS // 8
+    byte = _bytes(codes, tok, ok, cb, W, N)
+    if BITS == 8:
+        return _value_piece(p, byte, scale, minimum, tok, t0, ok, 0, cb, D, BITS, CHANNEL, GROUP, W, N, DOT, dtype)
+    elif BITS == 4:
+        return tl.reshape(tl.join(
+            _value_piece(p, byte, scale, minimum, tok, t0, ok, 0, cb, D, BITS, CHANNEL, GROUP, W, N, DOT, dtype),
+            _value_piece(p, byte, scale, minimum, tok, t0, ok, 1, cb, D, BITS, CHANNEL, GROUP, W, N, DOT, dtype)),
+            [G_PAD, 2 * W])
+    else:  # join(join(0, 2), join(1, 3)) puts code j at column i*4 + j
+        return tl.reshape(tl.join(
+            tl.join(_value_piece(p, byte, scale, minimum, tok, t0, ok, 0, cb, D, BITS, CHANNEL, GROUP, W, N, DOT, dtype),
+                    _value_piece(p, byte, scale, minimum, tok, t0, ok, 2, cb, D, BITS, CHANNEL, GROUP, W, N, DOT, dtype)),
+            tl.join(_value_piece(p, byte, scale, minimum, tok, t0, ok, 1, cb, D, BITS, CHANNEL, GROUP, W, N, DOT, dtype),
+                    _value_piece(p, byte, scale, minimum, tok, t0, ok, 3, cb, D, BITS, CHANNEL, GROUP, W, N, DOT, dtype))),
+            [G_PAD, 4 * W])
+
+
+@triton.jit
+def _values(p, codes, scale, minimum, tok, t0, ok, D: tl.constexpr, BITS: tl.constexpr, CHANNEL: tl.constexpr,
+            GROUP: tl.constexpr, W: tl.constexpr, BLOCK_T: tl.constexpr, G_PAD: tl.constexpr,
+            DOT: tl.constexpr, dtype: tl.constexpr):
+    """p [G_PAD, BLOCK_T] · the stored values of tokens tok: [G_PAD, D] fp32, columns in `_perm`
+    order. W: bytes of a row read per dot (a per-token scale group); the fast path takes one or two
+    such blocks a row, else the values are gathered code by code."""
+    N: tl.constexpr = D * BITS // 8
+    if _fast(BITS, CHANNEL, GROUP, BLOCK_T) and N // W <= 2:
+        if N // W == 1:
+            return _value_block(p, codes, scale, minimum, tok, t0, ok, 0, D, BITS, CHANNEL, GROUP, W, G_PAD, DOT, dtype)
+        else:  # [block 0, block 1] along columns
+            both = tl.join(
+                _value_block(p, codes, scale, minimum, tok, t0, ok, 0, D, BITS, CHANNEL, GROUP, W, G_PAD, DOT, dtype),
+                _value_block(p, codes, scale, minimum, tok, t0, ok, 1, D, BITS, CHANNEL, GROUP, W, G_PAD, DOT, dtype))
+            return tl.reshape(tl.permute(both, (0, 2, 1)), [G_PAD, D])
+    else:
+        cols = _perm(tl.arange(0, D), D, BITS)
+        v = _load(codes, scale, minimum, tok[:, None], cols[None, :], ok[:, None], D, BITS, CHANNEL, GROUP)
+        return tl.dot(p.to(dtype), v.to(dtype), input_precision=DOT)
+
+
+@triton.jit
+def _first_at_or_after(index, key, ok, K: tl.constexpr, K_PAD: tl.constexpr):
+    """For each key [N]: the first j in 0..K with index[j] >= key, index [K] ascending (a chunk's
+    outlier indices, `sparse.select`), by a binary search of log2(K_PAD) steps."""
+    base = tl.zeros(key.shape, tl.int32)
+    for i in tl.static_range(K_PAD.bit_length()):
+        half = K_PAD >> i
+        inside = ok & (base + half - 1 < K)
+        probe = tl.load(index + base + half - 1, mask=inside, other=0).to(tl.int32)
+        base = tl.where(inside & (probe < key), base + half, base)
+    return base
+
+
+@triton.jit
+def _key_outliers(s, q_rows, delta, index, tok, ok, gm, D: tl.constexpr, C: tl.constexpr, K: tl.constexpr,
+                  K_PAD: tl.constexpr, G_ROWS: tl.constexpr):
+    """s [G_PAD, BLOCK_T] + q[chan] · delta of every key outlier of tokens tok (ok: read from
+    codes). A chunk's outliers are sorted by flat index, so a token's are the run that two binary
+    searches find: the work is a step per outlier of the tile's densest token, where a one-hot
+    product over all of the chunk's outliers costs as much as the codes themselves."""
+    first = (tok // C) * K  # the token's chunk's first outlier
+    row = (tok % C) * D  # flat index of the token's first entry in its chunk
+    lo = first + _first_at_or_after(index + first, row, ok, K, K_PAD)
+    count = tl.where(ok, first + _first_at_or_after(index + first, row + D, ok, K, K_PAD) - lo, 0)
+    corr = tl.zeros([G_ROWS, tok.shape[0]], tl.float32)
+    for r in range(0, tl.max(count, axis=0)):
+        has = r < count
+        flat = tl.load(index + lo + r, mask=has, other=0).to(tl.int32)
+        d = tl.load(delta + lo + r, mask=has, other=0.0).to(tl.float32)
+        if G_ROWS == 1:  # MHA: one query row, not G_PAD
+            qo = tl.load(q_rows + (flat % D)[None, :], mask=has[None, :], other=0.0).to(tl.float32)
+        else:
+            qo = tl.load(q_rows + (flat % D)[None, :], mask=gm[:, None] & has[None, :], other=0.0).to(tl.float32)
+        corr += qo * d[None, :]
+    return s + corr
+
+
+@triton.jit
+def _value_outliers(ACC, LOGITS, delta, index, POS, m, bh, part, start, end, cpos, g, gm, T,
+                    G: tl.constexpr, D: tl.constexpr, C: tl.constexpr, K: tl.constexpr, F: tl.constexpr,
+                    POSITIONAL: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Add p[token] · delta at each value outlier's channel of tokens start .. end - 1 to this
+    program's stored partial output ACC [G, D] (channel order), after the main loop: p = exp(logit -
+    m) from the logits it stored, so the outliers cost a step each instead of two one-hot products
+    per block. Tokens read from full precision (H2O's window) have none."""
+    m_use = tl.where(m == float("-inf"), 0.0, m)
+    first = (start // C) * K
+    last = tl.cdiv(end, C) * K
+    for j0 in range(first, last, BLOCK_K):
+        j = j0 + tl.arange(0, BLOCK_K)
+        ok = j < last
+        flat = tl.load(index + j, mask=ok, other=0).to(tl.int32)
+        tok = (j // K) * C + flat // D
+        ok = ok & (tok >= start) & (tok < end)
+        if not POSITIONAL:
+            posn = tl.load(POS + bh * T + tok, mask=ok, other=-1)
+            ok = ok & (posn <= cpos - F)
+        d = tl.load(delta + j, mask=ok, other=0.0).to(tl.float32)
+        both = gm[:, None] & ok[None, :]
+        logit = tl.load(LOGITS + (bh * G + g[:, None]) * T + tok[None, :], mask=both, other=float("-inf"))
+        contribution = tl.exp(logit - m_use[:, None]) * d[None, :]
+        tl.atomic_add(ACC + (part * G + g[:, None]) * D + (flat % D)[None, :], contribution, mask=both)
 
 
 @triton.jit
@@ -178,13 +323,14 @@ def _mask_bias(mask_row, posn, ok, MASK_KIND: tl.constexpr):
 
 
 @triton.jit
-def _exact(x, W, FRESH, bh, posn, cpos, exact, cols, F: tl.constexpr, D: tl.constexpr, WINDOW: tl.constexpr):
-    """H2O: a tile x [BLOCK_T, D] (columns `cols`) of slots at positions posn, with the tokens of
-    the full-precision window (`exact`: the F newest positions, position p at row p % F of W [F, D])
-    read from there and this step's token from FRESH [D], in the model's precision."""
+def _window_tile(W, FRESH, bh, posn, cpos, exact, cols, F: tl.constexpr, D: tl.constexpr, WINDOW: tl.constexpr):
+    """H2O: the slots of a tile at positions posn that the full-precision window holds (`exact`:
+    the F newest positions, position p at row p % F of W [F, D]), read from there, and this step's
+    token from FRESH [D], in the model's precision: [BLOCK_T, D] fp32 (columns `cols`), 0 in the
+    other rows."""
+    x = tl.zeros([posn.shape[0], D], tl.float32)
     if WINDOW:
-        w = tl.load(W + (bh * F + posn % F)[:, None] * D + cols[None, :], mask=exact[:, None], other=0.0)
-        x = tl.where(exact[:, None], w.to(tl.float32), x)
+        x = tl.load(W + (bh * F + posn % F)[:, None] * D + cols[None, :], mask=exact[:, None], other=0.0).to(tl.float32)
     fresh = tl.load(FRESH + bh * D + cols).to(tl.float32)
     return tl.where((posn == cpos)[:, None], fresh[None, :], x)
 
@@ -206,11 +352,11 @@ def _decode_kernel(
     M_OUT, L_OUT, ACC_OUT, LOGITS,
     sm_scale, T, mask_stride, split_len,
     H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
-    BLOCK_T: tl.constexpr, C: tl.constexpr, NCB: tl.constexpr, SPLITS: tl.constexpr,
-    K_BITS: tl.constexpr, K_CHANNEL: tl.constexpr, K_GROUP: tl.constexpr, K_RANK: tl.constexpr,
+    BLOCK_T: tl.constexpr, C: tl.constexpr, SPLITS: tl.constexpr,
+    K_BITS: tl.constexpr, K_CHANNEL: tl.constexpr, K_GROUP: tl.constexpr, K_W: tl.constexpr, K_RANK: tl.constexpr,
     K_RPAD: tl.constexpr, K_OUT: tl.constexpr, K_OPAD: tl.constexpr,
-    V_BITS: tl.constexpr, V_CHANNEL: tl.constexpr, V_GROUP: tl.constexpr, V_RANK: tl.constexpr,
-    V_RPAD: tl.constexpr, V_OUT: tl.constexpr, V_OPAD: tl.constexpr,
+    V_BITS: tl.constexpr, V_CHANNEL: tl.constexpr, V_GROUP: tl.constexpr, V_W: tl.constexpr, V_RANK: tl.constexpr,
+    V_RPAD: tl.constexpr, V_OUT: tl.constexpr,
     POSITIONAL: tl.constexpr, NSINK: tl.constexpr, F: tl.constexpr, BLOCK_F: tl.constexpr, WINDOW: tl.constexpr,
     MASK_KIND: tl.constexpr, STORE_LOGITS: tl.constexpr, DOT: tl.constexpr,
 ):
@@ -250,28 +396,26 @@ def _decode_kernel(
         start = split * split_len
         end = tl.minimum(start + split_len, T)
         closed = (cpos // C) * C  # positions < closed sit in compressed chunks
-        kperm = _perm(d, D, K_BITS)
-        qk = tl.load(Q + bh * G * D + g[:, None] * D + kperm[None, :], mask=gm[:, None], other=0.0)
+        q_head = Q + bh * G * D
+        q_rows = q_head + g[:, None] * D
         for t0 in range(start, end, BLOCK_T):
             tok = t0 + tl.arange(0, BLOCK_T)
             inside = tok < end
             if POSITIONAL:
                 posn = tok
                 ok = inside & (tok < closed)
-                exact = tok < 0  # none: the window and sinks are the other program's
                 if NSINK > 0:  # the row's sinks are attended from the sink buffer
                     row_start = tl.load(START + b)
                     ok = ok & ((tok < row_start) | (tok >= row_start + NSINK))
             else:  # H2O slots: a position per slot, -1 when empty
                 posn = tl.load(POS + bh * T + tok, mask=inside, other=-1)
                 ok = inside & (posn >= 0)
-                # read by `_exact`: the window's F newest positions (F = 1 without a window: this step's)
+                # read from full precision (`_window_tile`): the window's F newest positions (F = 1
+                # without a window: this step's)
                 exact = ok & (posn > cpos - F)
+                windowed = tl.max(exact.to(tl.int32), axis=0) > 0
             bias = _mask_bias(mask_row, posn, ok, MASK_KIND)
-            k = _tile(kc, ks, km, tok, t0, T, ok, D, K_BITS, K_CHANNEL, K_GROUP, BLOCK_T)
-            if not POSITIONAL:
-                k = _exact(k, WK, FK, bh, posn, cpos, exact, kperm, F, D, WINDOW)
-            s = tl.dot(qk, tl.trans(k.to(q.dtype)), input_precision=DOT)
+            s = _scores(q_rows, kc, ks, km, tok, t0, ok, gm, D, K_BITS, K_CHANNEL, K_GROUP, K_W, BLOCK_T, G_PAD, DOT)
             chunk = t0 // C
             if K_RANK > 0:  # (q · B) · Aᵀ of this block's chunk
                 r = tl.arange(0, K_RPAD)
@@ -282,22 +426,20 @@ def _decode_kernel(
                 qb = tl.sum(qf[:, :, None] * bk[None, :, :], axis=1)
                 s += tl.sum(qb[:, None, :] * ak[None, :, :], axis=2)
             if K_OUT > 0:  # q[chan] · delta at each outlier's token
-                otok, ochan, delta = _outliers(KOD + bh * nchunks * K_OUT, KOI + bh * nchunks * K_OUT,
-                                               chunk, nchunks, D, C, K_OUT, NCB, K_OPAD)
-                qo = tl.load(Q + bh * G * D + g[:, None] * D + ochan[None, :], mask=gm[:, None], other=0.0)
-                hit = otok[:, None] == tok[None, :]
-                if not POSITIONAL:  # a token read exactly has no correction
-                    hit = hit & ~exact[None, :]
-                hit = hit.to(q.dtype)
-                s += tl.dot((qo.to(tl.float32) * delta[None, :]).to(q.dtype), hit, input_precision=DOT)
-            s = s * sm_scale + bias[None, :]
-            if STORE_LOGITS:  # empty slots keep the caller's -inf
-                tl.store(LOGITS + (bh * G + g[:, None]) * T + tok[None, :], s, mask=gm[:, None] & ok[None, :])
-            p, m_i, l_i, acc = _online(s, m_i, l_i, acc)
-            v = _tile(vc, vs, vm, tok, t0, T, ok, D, V_BITS, V_CHANNEL, V_GROUP, BLOCK_T)
+                s = _key_outliers(s, q_head if G == 1 else q_rows, KOD + bh * nchunks * K_OUT,
+                                  KOI + bh * nchunks * K_OUT, tok, ok, gm, D, C, K_OUT, K_OPAD, 1 if G == 1 else G_PAD)
             if not POSITIONAL:
-                v = _exact(v, WV, FV, bh, posn, cpos, exact, vperm, F, D, WINDOW)
-            acc += tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT)
+                if windowed:  # those tokens' scores come from full precision, without corrections
+                    kw = _window_tile(WK, FK, bh, posn, cpos, exact, d, F, D, WINDOW)
+                    s = tl.where(exact[None, :], tl.dot(q, tl.trans(kw.to(q.dtype)), input_precision=DOT), s)
+            s = s * sm_scale + bias[None, :]
+            if STORE_LOGITS:  # -inf where masked (H2O's empty slots)
+                tl.store(LOGITS + (bh * G + g[:, None]) * T + tok[None, :], s, mask=gm[:, None] & inside[None, :])
+            p, m_i, l_i, acc = _online(s, m_i, l_i, acc)
+            if not POSITIONAL:  # the stored values' share: the window's tokens are read below
+                pw = p
+                p = tl.where(exact[None, :], 0.0, p)
+            acc += _values(p, vc, vs, vm, tok, t0, ok, D, V_BITS, V_CHANNEL, V_GROUP, V_W, BLOCK_T, G_PAD, DOT, q.dtype)
             if V_RANK > 0:  # (p · A) · Bᵀ
                 r = tl.arange(0, V_RPAD)
                 bv = tl.load(VB + ((bh * nchunks + chunk) * D + vperm[:, None]) * V_RANK + r[None, :],
@@ -306,16 +448,11 @@ def _decode_kernel(
                              mask=inside[:, None] & (r[None, :] < V_RANK), other=0.0).to(tl.float32)
                 pa = tl.sum(p[:, :, None] * av[None, :, :], axis=1)
                 acc += tl.sum(pa[:, None, :] * bv[None, :, :], axis=2)
-            if V_OUT > 0:  # p[token] · delta at each outlier's channel
-                otok, ochan, delta = _outliers(VOD + bh * nchunks * V_OUT, VOI + bh * nchunks * V_OUT,
-                                               chunk, nchunks, D, C, V_OUT, NCB, V_OPAD)
-                hit = tok[:, None] == otok[None, :]
-                if not POSITIONAL:
-                    hit = hit & ~exact[:, None]
-                hit = hit.to(q.dtype)
-                po = tl.dot(p.to(q.dtype), hit, input_precision=DOT) * delta[None, :]
-                at = (ochan[:, None] == vperm[None, :]).to(q.dtype)
-                acc += tl.dot(po.to(q.dtype), at, input_precision=DOT)
+            if not POSITIONAL:
+                if windowed:
+                    vw = _window_tile(WV, FV, bh, posn, cpos, exact, vperm, F, D, WINDOW)
+                    pe = tl.where(exact[None, :], pw, 0.0)
+                    acc += tl.dot(pe.to(q.dtype), vw.to(q.dtype), input_precision=DOT)
     else:  # the full-precision tokens of a positional cache: sinks, then the window being filled
         i = tl.arange(0, BLOCK_F)
         first = cpos // C * C  # position of the window's first token
@@ -350,6 +487,12 @@ def _decode_kernel(
     tl.store(M_OUT + part * G + g, m_i, mask=gm)
     tl.store(L_OUT + part * G + g, l_i, mask=gm)
     tl.store(ACC_OUT + (part * G + g[:, None]) * D + cols[None, :], acc, mask=gm[:, None])
+    if V_OUT > 0:
+        if split < SPLITS:
+            tl.debug_barrier()  # the stores above are visible to every thread of the program
+            _value_outliers(ACC_OUT, LOGITS, VOD + bh * nchunks * V_OUT, VOI + bh * nchunks * V_OUT, POS, m_i,
+                            bh, part, split * split_len, tl.minimum(split * split_len + split_len, T), cpos,
+                            g, gm, T, G, D, C, V_OUT, F, POSITIONAL, 64)
 
 
 @triton.jit
@@ -392,10 +535,12 @@ def supports(recipe: Recipe, head_dim: int) -> bool:
 
 def _block(recipe: Recipe, chunk: int) -> int:
     """Tokens per block: a power of 2 in 16..64 that divides a chunk or that a chunk divides; a
-    block must sit inside one chunk when there are low-rank factors (one B per block)."""
+    block must sit inside one chunk when there are low-rank factors (one B per block), and inside
+    one scale row of a per-channel store (`_fast`: its scales fold out of the dot)."""
     ranked = any(s.quantized and s.resolve_rank(chunk) for s in (recipe.key, recipe.value))
+    rows = [s.group for s in (recipe.key, recipe.value) if s.quantized and s.axis == "channel"]
     block = 64
-    while block > 16 and chunk % block and (ranked or block % chunk):
+    while block > 16 and ((chunk % block and (ranked or block % chunk)) or any(block > r for r in rows)):
         block //= 2
     return block
 
@@ -407,9 +552,24 @@ def _part(state: dict[str, torch.Tensor], part: str, spec: TensorSpec, chunk: in
     k = spec.num_outliers(chunk, dummy.shape[-1]) if spec.quantized else 0
     tensors = (get("codes") if spec.quantized else state[f"{part}.data"], get("scale"), get("minimum"),
                get("a"), get("b"), get("outlier_delta"), get("outlier_index"))
-    consts = dict(BITS=spec.bits, CHANNEL=spec.axis == "channel", GROUP=spec.group if spec.quantized else 1,
+    bits, channel, group = spec.bits, spec.axis == "channel", spec.group if spec.quantized else 1
+    row = dummy.shape[-1] * bits // 8  # bytes of a packed row
+    consts = dict(BITS=bits, CHANNEL=channel, GROUP=group, W=row if channel else min(row, group),
                   RANK=rank, RPAD=_pow2(rank), OUT=k)
     return tensors, consts
+
+
+class Launch(NamedTuple):
+    """One decode step's `_decode_kernel` launch: its grid, arguments and constants, and the
+    buffers it writes (each split's m, l and accumulator; the logits, or q as a placeholder)."""
+
+    grid: tuple[int, int]
+    args: tuple
+    constants: dict
+    m: torch.Tensor
+    l: torch.Tensor
+    acc: torch.Tensor
+    logits: torch.Tensor
 
 
 def attention(
@@ -427,6 +587,22 @@ def attention(
     Returns (out [B, Hq, 1, D] in q's dtype, and with H2O the attention probabilities over the
     slots [B, Hq, 1, S] fp32, else None).
     """
+    b, hq, _, d = q.shape
+    run = launch(q, state, recipe, capacity, cache_position, attn_mask, scale, fresh_k, fresh_v, splits)
+    _decode_kernel[run.grid](*run.args, **run.constants)
+    bh, parts, g = run.m.shape
+    out = torch.empty(bh, g, d, device=q.device, dtype=q.dtype)
+    top = torch.empty(bh, g, device=q.device, dtype=torch.float32)
+    total = torch.empty_like(top)
+    _combine_kernel[(bh, g)](run.m, run.l, run.acc, out, top, total, PARTS=parts, P_PAD=_pow2(parts), G=g, D=d)
+    mass = None
+    if recipe.h2o is not None:
+        mass = ((run.logits.flatten(0, 1) - top[..., None]).exp() / total[..., None]).reshape(b, hq, 1, -1)
+    return out.reshape(b, hq, 1, d), mass
+
+
+def launch(q, state, recipe, capacity, cache_position, attn_mask, scale, fresh_k, fresh_v, splits=None) -> Launch:
+    """The kernel launch of `attention` (same arguments), without running it."""
     b, hq, _, d = q.shape
     h2o = recipe.h2o is not None
     n, c = slots(recipe, capacity)
@@ -464,31 +640,22 @@ def attention(
     m_part = torch.empty(b * h, parts, g, device=q.device, dtype=torch.float32)
     l_part = torch.empty_like(m_part)
     acc_part = torch.empty(b * h, parts, g, d, device=q.device, dtype=torch.float32)
-    logits = torch.full((b, h, g, t), float("-inf"), device=q.device) if h2o else q
-    ncb = max(1, block // c)
-    _decode_kernel[(b * h, parts)](
-        q.reshape(b, h, g, d).contiguous(), *kt, *vt, window_k, window_v, fresh_k, fresh_v, *sinks,
-        state["row.start"], mask, positions,
-        cache_position, m_part, l_part, acc_part, logits,
-        scale, t, mask_stride, split_len,
-        H=h, G=g, G_PAD=g_pad, D=d, BLOCK_T=block, C=c, NCB=ncb, SPLITS=splits,
-        K_BITS=kc["BITS"], K_CHANNEL=kc["CHANNEL"], K_GROUP=kc["GROUP"], K_RANK=kc["RANK"],
-        K_RPAD=kc["RPAD"], K_OUT=kc["OUT"], K_OPAD=_pow2(ncb * kc["OUT"], 16),
-        V_BITS=vc["BITS"], V_CHANNEL=vc["CHANNEL"], V_GROUP=vc["GROUP"], V_RANK=vc["RANK"],
-        V_RPAD=vc["RPAD"], V_OUT=vc["OUT"], V_OPAD=_pow2(ncb * vc["OUT"], 16),
+    store_logits = h2o or vc["OUT"] > 0  # H2O's attention mass; the value outliers' probabilities
+    logits = torch.empty(b, h, g, t, device=q.device) if store_logits else q  # every split writes its tokens
+    args = (q.reshape(b, h, g, d).contiguous(), *kt, *vt, window_k, window_v, fresh_k, fresh_v, *sinks,
+            state["row.start"], mask, positions, cache_position, m_part, l_part, acc_part, logits,
+            scale, t, mask_stride, split_len)
+    constants = dict(
+        H=h, G=g, G_PAD=g_pad, D=d, BLOCK_T=block, C=c, SPLITS=splits,
+        K_BITS=kc["BITS"], K_CHANNEL=kc["CHANNEL"], K_GROUP=kc["GROUP"], K_W=kc["W"], K_RANK=kc["RANK"],
+        K_RPAD=kc["RPAD"], K_OUT=kc["OUT"], K_OPAD=_pow2(kc["OUT"]),
+        V_BITS=vc["BITS"], V_CHANNEL=vc["CHANNEL"], V_GROUP=vc["GROUP"], V_W=vc["W"], V_RANK=vc["RANK"],
+        V_RPAD=vc["RPAD"], V_OUT=vc["OUT"],
         POSITIONAL=not h2o, NSINK=nsink, F=f, BLOCK_F=min(64, _pow2(f, 16)), WINDOW=windowed,
-        MASK_KIND=mask_kind, STORE_LOGITS=h2o,
+        MASK_KIND=mask_kind, STORE_LOGITS=store_logits,
         DOT="ieee" if q.dtype == torch.float32 else "tf32",
     )
-    out = torch.empty(b, h, g, d, device=q.device, dtype=q.dtype)
-    top = torch.empty(b, h, g, device=q.device, dtype=torch.float32)
-    total = torch.empty_like(top)
-    _combine_kernel[(b * h, g)](m_part, l_part, acc_part, out, top, total,
-                                PARTS=parts, P_PAD=_pow2(parts), G=g, D=d)
-    mass = None
-    if h2o:
-        mass = ((logits - top[..., None]).exp() / total[..., None]).reshape(b, hq, 1, t)
-    return out.reshape(b, hq, 1, d), mass
+    return Launch((b * h, parts), args, constants, m_part, l_part, acc_part, logits)
 
 
 def decode(
