@@ -367,7 +367,6 @@ def _decode_kernel(
     d = tl.arange(0, D)
     gm = g < G
     q = tl.load(Q + bh * G * D + g[:, None] * D + d[None, :], mask=gm[:, None], other=0.0)
-    qf = q.to(tl.float32)
     vperm = _perm(d, D, V_BITS)  # the channel of each column of a value tile and of acc
     cpos = tl.load(CPOS).to(tl.int32)
     mask_row = MASK + b * mask_stride
@@ -420,11 +419,11 @@ def _decode_kernel(
             if K_RANK > 0:  # (q · B) · Aᵀ of this block's chunk
                 r = tl.arange(0, K_RPAD)
                 bk = tl.load(KB + ((bh * nchunks + chunk) * D + d[:, None]) * K_RANK + r[None, :],
-                             mask=r[None, :] < K_RANK, other=0.0).to(tl.float32)
+                             mask=r[None, :] < K_RANK, other=0.0)
                 ak = tl.load(KA + (bh * T + tok[:, None]) * K_RANK + r[None, :],
-                             mask=inside[:, None] & (r[None, :] < K_RANK), other=0.0).to(tl.float32)
-                qb = tl.sum(qf[:, :, None] * bk[None, :, :], axis=1)
-                s += tl.sum(qb[:, None, :] * ak[None, :, :], axis=2)
+                             mask=inside[:, None] & (r[None, :] < K_RANK), other=0.0)
+                qb = tl.dot(q, bk.to(q.dtype), input_precision=DOT)
+                s = tl.dot(qb.to(q.dtype), tl.trans(ak.to(q.dtype)), s, input_precision=DOT)
             if K_OUT > 0:  # q[chan] · delta at each outlier's token
                 s = _key_outliers(s, q_head if G == 1 else q_rows, KOD + bh * nchunks * K_OUT,
                                   KOI + bh * nchunks * K_OUT, tok, ok, gm, D, C, K_OUT, K_OPAD, 1 if G == 1 else G_PAD)
@@ -443,11 +442,11 @@ def _decode_kernel(
             if V_RANK > 0:  # (p · A) · Bᵀ
                 r = tl.arange(0, V_RPAD)
                 bv = tl.load(VB + ((bh * nchunks + chunk) * D + vperm[:, None]) * V_RANK + r[None, :],
-                             mask=r[None, :] < V_RANK, other=0.0).to(tl.float32)
+                             mask=r[None, :] < V_RANK, other=0.0)
                 av = tl.load(VA + (bh * T + tok[:, None]) * V_RANK + r[None, :],
-                             mask=inside[:, None] & (r[None, :] < V_RANK), other=0.0).to(tl.float32)
-                pa = tl.sum(p[:, :, None] * av[None, :, :], axis=1)
-                acc += tl.sum(pa[:, None, :] * bv[None, :, :], axis=2)
+                             mask=inside[:, None] & (r[None, :] < V_RANK), other=0.0)
+                pa = tl.dot(p.to(q.dtype), av.to(q.dtype), input_precision=DOT)
+                acc = tl.dot(pa.to(q.dtype), tl.trans(bv.to(q.dtype)), acc, input_precision=DOT)
             if not POSITIONAL:
                 if windowed:
                     vw = _window_tile(WV, FV, bh, posn, cpos, exact, vperm, F, D, WINDOW)
@@ -555,7 +554,7 @@ def _part(state: dict[str, torch.Tensor], part: str, spec: TensorSpec, chunk: in
     bits, channel, group = spec.bits, spec.axis == "channel", spec.group if spec.quantized else 1
     row = dummy.shape[-1] * bits // 8  # bytes of a packed row
     consts = dict(BITS=bits, CHANNEL=channel, GROUP=group, W=row if channel else min(row, group),
-                  RANK=rank, RPAD=_pow2(rank), OUT=k)
+                  RANK=rank, RPAD=_pow2(rank, 16), OUT=k)  # a dot's inner size is at least 16
     return tensors, consts
 
 
