@@ -262,23 +262,27 @@ def _first_at_or_after(index, key, ok, K: tl.constexpr, K_PAD: tl.constexpr):
 def _key_outliers(s, q_rows, delta, index, tok, ok, gm, D: tl.constexpr, C: tl.constexpr, K: tl.constexpr,
                   K_PAD: tl.constexpr, G_ROWS: tl.constexpr):
     """s [G_PAD, BLOCK_T] + q[chan] · delta of every key outlier of tokens tok (ok: read from
-    codes). A chunk's outliers are sorted by flat index, so a token's are the run that two binary
-    searches find: the work is a step per outlier of the tile's densest token, where a one-hot
-    product over all of the chunk's outliers costs as much as the codes themselves."""
+    codes). A chunk's outliers are sorted by flat index, so a token's are the run that starts
+    where a binary search puts it: the work is a step per outlier of the block's densest token,
+    where a one-hot product over all of the chunk's outliers costs as much as the codes."""
     first = (tok // C) * K  # the token's chunk's first outlier
     row = (tok % C) * D  # flat index of the token's first entry in its chunk
-    lo = first + _first_at_or_after(index + first, row, ok, K, K_PAD)
-    count = tl.where(ok, first + _first_at_or_after(index + first, row + D, ok, K, K_PAD) - lo, 0)
+    j = first + _first_at_or_after(index + first, row, ok, K, K_PAD)
+    more = ok & (j < first + K)
+    flat = tl.load(index + j, mask=more, other=0).to(tl.int32)
+    more = more & (flat < row + D)
     corr = tl.zeros([G_ROWS, tok.shape[0]], tl.float32)
-    for r in range(0, tl.max(count, axis=0)):
-        has = r < count
-        flat = tl.load(index + lo + r, mask=has, other=0).to(tl.int32)
-        d = tl.load(delta + lo + r, mask=has, other=0.0).to(tl.float32)
+    while tl.max(more.to(tl.int32), axis=0) > 0:
+        d = tl.load(delta + j, mask=more, other=0.0).to(tl.float32)
         if G_ROWS == 1:  # MHA: one query row, not G_PAD
-            qo = tl.load(q_rows + (flat % D)[None, :], mask=has[None, :], other=0.0).to(tl.float32)
+            qo = tl.load(q_rows + (flat % D)[None, :], mask=more[None, :], other=0.0).to(tl.float32)
         else:
-            qo = tl.load(q_rows + (flat % D)[None, :], mask=gm[:, None] & has[None, :], other=0.0).to(tl.float32)
+            qo = tl.load(q_rows + (flat % D)[None, :], mask=gm[:, None] & more[None, :], other=0.0).to(tl.float32)
         corr += qo * d[None, :]
+        j += 1
+        more = more & (j < first + K)
+        flat = tl.load(index + j, mask=more, other=0).to(tl.int32)
+        more = more & (flat < row + D)
     return s + corr
 
 
