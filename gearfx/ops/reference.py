@@ -232,7 +232,7 @@ def _attend_chunked(q, k, v, cache_position, attn_mask, scale, recipe, capacity,
     kept = kept_dtype(recipe, q.dtype)
     first = cache_position[:1] // c  # the chunk the window holds before this call
     chunk_ids = torch.arange(n, device=q.device)
-    start = row_starts(attn_mask, cache_position, n * c, state)
+    start = row_starts(real_tokens(attn_mask, cache_position, n * c), cache_position, state)
     if recipe.sinks:  # this call's tokens that are sinks join the sink buffer, read from there
         write_sinks(state, k, v, cache_position, start, recipe.sinks, kept)
     if length == 1:
@@ -387,12 +387,13 @@ def real_tokens(attn_mask: torch.Tensor | None, cache_position: torch.Tensor, ke
     return own > torch.finfo(torch.float32).min / 2
 
 
-def row_starts(attn_mask: torch.Tensor | None, cache_position: torch.Tensor, keys: int, state) -> torch.Tensor:
-    """[B] int64: each row's first real position (its left padding's length). Found by the call
-    that starts a sequence (at position 0) and kept in row.start for the calls after it, whose
-    masks need not show the padding any more (sliding windows)."""
+def row_starts(real: torch.Tensor, cache_position: torch.Tensor, state) -> torch.Tensor:
+    """[B] int64: each row's first real position (its left padding's length), from real [B|1, L]
+    (`real_tokens` of the call's tokens). Found by the call that starts a sequence (at position 0)
+    and kept in row.start for the calls after it, whose masks need not show the padding any more
+    (sliding windows)."""
     buf = state["row.start"]
-    found = cache_position[real_tokens(attn_mask, cache_position, keys).int().argmax(dim=-1)]
+    found = cache_position[real.int().argmax(dim=-1)]
     buf.copy_(torch.where(cache_position[0] == 0, found.expand(buf.shape), buf))
     return buf
 
@@ -404,7 +405,7 @@ def store_h2o_token(k, v, cache_position, attn_mask, recipe, capacity, state) ->
     b, h = k.shape[:2]
     _, recent, sinks = recipe.h2o.budget(capacity)
     positions, scores = state["h2o.positions"], state["h2o.scores"]
-    start = row_starts(attn_mask, cache_position, capacity, state)
+    start = row_starts(real_tokens(attn_mask, cache_position, capacity), cache_position, state)
     slot = h2o.choose_slot(scores, positions, cache_position, recent, sinks, start)  # [B, H]
     kept = kept_dtype(recipe, k.dtype)
     for part, x, spec in (("key", k, recipe.key), ("value", v, recipe.value)):
@@ -480,10 +481,10 @@ def _prefill_h2o(q, k, v, cache_position, attn_mask, scale, recipe, capacity, st
     logits = (q.view(b, h, hq // h, length, d).float() @ k[:, :, None].float().mT) * scale + bias.float()
     probs = logits.softmax(dim=-1)
     out = (probs @ v[:, :, None].float()).to(q.dtype).reshape(b, hq, length, d)
-    real = real_tokens(attn_mask, cache_position, capacity).expand(b, length)
-    start = row_starts(attn_mask, cache_position, capacity, state)
+    real = real_tokens(attn_mask, cache_position, capacity)
+    start = row_starts(real, cache_position, state)
     token_scores = h2o.prefill_scores(probs.reshape(b, hq, length, length), h, recipe.h2o.observe,
-                                      recipe.h2o.decay, real)
+                                      recipe.h2o.decay, real.expand(b, length))
     keep = h2o.keep_after_prefill(token_scores, heavy, recent, sinks, start)  # [B, H, S]
     src = keep.clamp_min(0)
     kept = kept_dtype(recipe, q.dtype)
