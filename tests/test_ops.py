@@ -80,3 +80,31 @@ def test_h2o_window_tokens_are_attended_exactly():
                                                              attn_mask=causal, scale=0.25)
     torch.testing.assert_close(outs[capacity], exact, rtol=0, atol=1e-3)  # the newest token is not rounded
     assert (outs[4] - exact).abs().max() > 0.05  # 2-bit codes outside the window
+
+
+@pytest.mark.parametrize("additive", [False, True])
+def test_fp16_prefill_gqa_is_sdpa_over_repeated_kv(additive):
+    """The uncompressed cache's prefill attends 3 query heads per KV head without repeating the
+    cache per query head, and gets exactly SDPA over the repeated cache (left padding included)."""
+    import gearfx
+    from gearfx.compress.layout import allocate, cache_layout
+    from gearfx.ops import reference
+
+    b, h, g, d, capacity = 2, 2, 3, 64, 96
+    recipe = gearfx.load_recipe("fp16")
+    state = allocate(cache_layout(recipe, b, h, d, capacity, torch.float32))
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(b, h * g, capacity, d, generator=gen)
+    k, v = torch.randn(b, h, capacity, d, generator=gen), torch.randn(b, h, capacity, d, generator=gen)
+    allowed = torch.ones(capacity, capacity, dtype=torch.bool).tril().repeat(b, 1, 1, 1)
+    allowed[1, :, :, :5] = False  # the second row's 5 pad tokens
+    mask = torch.zeros(()).masked_fill(~allowed, torch.finfo(torch.float32).min) if additive else allowed
+    for start, end in ((0, 40), (40, 70)):  # a prompt, then more of it over the cache
+        pos = torch.arange(start, end)
+        got = reference.attend(q[:, :, start:end], k[:, :, start:end], v[:, :, start:end], pos, mask[:, :, start:end],
+                               0.125, recipe, capacity, state)
+        cached = [torch.cat([x[:, :, :end], x.new_zeros(b, h, capacity - end, d)], dim=2) for x in (k, v)]
+        want = torch.nn.functional.scaled_dot_product_attention(
+            q[:, :, start:end], *(x.repeat_interleave(g, dim=1) for x in cached), attn_mask=mask[:, :, start:end],
+            scale=0.125)
+        assert torch.equal(got, want)

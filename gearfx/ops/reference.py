@@ -132,12 +132,28 @@ def _tracing(t: torch.Tensor) -> bool:
     return torch.compiler.is_compiling() or type(t) is not torch.Tensor
 
 
-def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """[B, H, T, D] -> [B, H * groups, T, D], each KV head repeated for its query heads."""
-    if groups == 1:
-        return x
-    b, h, t, d = x.shape
-    return x[:, :, None].expand(b, h, groups, t, d).reshape(b, h * groups, t, d)
+def _sdpa_gqa(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+              scale: float) -> torch.Tensor:
+    """SDPA of q [B, Hq, L, D] over keys, values [B, H, T, D] (Hq = g * H: query head j reads
+    KV head j // g) under mask [B|1, 1|Hq, L, T], bool (True = attend) or additive. Returns
+    [B, Hq, L, D].
+
+    One SDPA per query head of each KV head, all reading the same keys and values, rather than
+    keys and values repeated per query head ([B, Hq, T, D] each, over a whole prompt) or the mask
+    repeated per head (if the g heads were folded into the query rows)."""
+    g = q.shape[1] // keys.shape[1]
+    if g == 1:
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
+    # SDPA makes a bool mask additive (-inf) on every call: made so once here, in eager. Not when
+    # tracing: exported to ONNX, the additive mask gives NaN on fully masked rows (left padding),
+    # which reach the real tokens through the pad positions' values; the bool one does not
+    if mask.dtype == torch.bool and not _tracing(q):
+        mask = torch.zeros((), dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
+    out = q.new_empty(q.shape)  # written head by head: a stack would hold every head's output twice
+    for i in range(g):  # query heads i, g + i, 2g + i, ...: the i-th of each KV head
+        heads = mask if mask.shape[1] == 1 else mask[:, i::g]
+        out[:, i::g] = F.scaled_dot_product_attention(q[:, i::g], keys, values, attn_mask=heads, scale=scale)
+    return out
 
 
 def _bias(attn_mask: torch.Tensor | None, cache_position: torch.Tensor, keys: int, dtype) -> torch.Tensor:
@@ -206,7 +222,7 @@ def attend_rotated(q, k, v, cache_position, attn_mask, scale, recipe, capacity, 
             mask = mask[:, :, None] if mask.shape[1] == 1 else mask.reshape(mask.shape[0], h, g, capacity)
             out = F.scaled_dot_product_attention(q.reshape(b, h, g, d), kc, vc, attn_mask=mask, scale=scale)
             return out.reshape(b, h * g, 1, d)
-        return F.scaled_dot_product_attention(q, _repeat_kv(kc, g), _repeat_kv(vc, g), attn_mask=mask, scale=scale)
+        return _sdpa_gqa(q, kc, vc, mask, scale)
     return _attend_chunked(q, k, v, cache_position, attn_mask, scale, recipe, capacity, state)
 
 
@@ -216,7 +232,7 @@ def _attend_chunked(q, k, v, cache_position, attn_mask, scale, recipe, capacity,
     kept = kept_dtype(recipe, q.dtype)
     first = cache_position[:1] // c  # the chunk the window holds before this call
     chunk_ids = torch.arange(n, device=q.device)
-    start = row_starts(attn_mask, cache_position, n * c, state)
+    start = row_starts(real_tokens(attn_mask, cache_position, n * c), cache_position, state)
     if recipe.sinks:  # this call's tokens that are sinks join the sink buffer, read from there
         write_sinks(state, k, v, cache_position, start, recipe.sinks, kept)
     if length == 1:
@@ -294,16 +310,7 @@ def _attend_many(q, k, v, cache_position, start, attn_mask, scale, recipe, capac
     # and finfo.min keeps a fully masked row (left padding) finite.
     bias = _bias(attn_mask, cache_position, capacity, dtype)  # [B|1, 1|Hq, L, capacity]
     keys, values = base["key"][:, :, :capacity], base["value"][:, :, :capacity]
-    # GQA: one SDPA per query head of each KV head, all reading the same keys and values, rather
-    # than keys and values repeated per query head (or a mask repeated per head, if the g heads
-    # were folded into the query rows)
-    g = q.shape[1] // h
-    qs = q.unflatten(1, (h, g))
-    masks = bias.unflatten(1, (h, g)) if bias.shape[1] > 1 else bias[:, :, None].expand(-1, -1, g, -1, -1)
-    out = q.new_empty(qs.shape)  # written head by head: a stack would hold every head's output twice
-    for i in range(g):
-        out[:, :, i] = F.scaled_dot_product_attention(qs[:, :, i], keys, values, attn_mask=masks[:, :, i], scale=scale)
-    return out.flatten(1, 2), base
+    return _sdpa_gqa(q, keys, values, bias, scale), base
 
 
 def _attend_one(q, k, v, cache_position, start, attn_mask, scale, recipe, capacity, state):
@@ -380,12 +387,13 @@ def real_tokens(attn_mask: torch.Tensor | None, cache_position: torch.Tensor, ke
     return own > torch.finfo(torch.float32).min / 2
 
 
-def row_starts(attn_mask: torch.Tensor | None, cache_position: torch.Tensor, keys: int, state) -> torch.Tensor:
-    """[B] int64: each row's first real position (its left padding's length). Found by the call
-    that starts a sequence (at position 0) and kept in row.start for the calls after it, whose
-    masks need not show the padding any more (sliding windows)."""
+def row_starts(real: torch.Tensor, cache_position: torch.Tensor, state) -> torch.Tensor:
+    """[B] int64: each row's first real position (its left padding's length), from real [B|1, L]
+    (`real_tokens` of the call's tokens). Found by the call that starts a sequence (at position 0)
+    and kept in row.start for the calls after it, whose masks need not show the padding any more
+    (sliding windows)."""
     buf = state["row.start"]
-    found = cache_position[real_tokens(attn_mask, cache_position, keys).int().argmax(dim=-1)]
+    found = cache_position[real.int().argmax(dim=-1)]
     buf.copy_(torch.where(cache_position[0] == 0, found.expand(buf.shape), buf))
     return buf
 
@@ -397,7 +405,7 @@ def store_h2o_token(k, v, cache_position, attn_mask, recipe, capacity, state) ->
     b, h = k.shape[:2]
     _, recent, sinks = recipe.h2o.budget(capacity)
     positions, scores = state["h2o.positions"], state["h2o.scores"]
-    start = row_starts(attn_mask, cache_position, capacity, state)
+    start = row_starts(real_tokens(attn_mask, cache_position, capacity), cache_position, state)
     slot = h2o.choose_slot(scores, positions, cache_position, recent, sinks, start)  # [B, H]
     kept = kept_dtype(recipe, k.dtype)
     for part, x, spec in (("key", k, recipe.key), ("value", v, recipe.value)):
@@ -473,10 +481,10 @@ def _prefill_h2o(q, k, v, cache_position, attn_mask, scale, recipe, capacity, st
     logits = (q.view(b, h, hq // h, length, d).float() @ k[:, :, None].float().mT) * scale + bias.float()
     probs = logits.softmax(dim=-1)
     out = (probs @ v[:, :, None].float()).to(q.dtype).reshape(b, hq, length, d)
-    real = real_tokens(attn_mask, cache_position, capacity).expand(b, length)
-    start = row_starts(attn_mask, cache_position, capacity, state)
+    real = real_tokens(attn_mask, cache_position, capacity)
+    start = row_starts(real, cache_position, state)
     token_scores = h2o.prefill_scores(probs.reshape(b, hq, length, length), h, recipe.h2o.observe,
-                                      recipe.h2o.decay, real)
+                                      recipe.h2o.decay, real.expand(b, length))
     keep = h2o.keep_after_prefill(token_scores, heavy, recent, sinks, start)  # [B, H, S]
     src = keep.clamp_min(0)
     kept = kept_dtype(recipe, q.dtype)
