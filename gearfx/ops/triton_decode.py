@@ -248,7 +248,7 @@ def _values(p, codes, scale, minimum, tok, t0, ok, D: tl.constexpr, BITS: tl.con
 @triton.jit
 def _first_at_or_after(index, key, ok, K: tl.constexpr, K_PAD: tl.constexpr):
     """For each key [N]: the first j in 0..K with index[j] >= key, index [K] ascending (a chunk's
-    outlier indices, `sparse.select`), by a binary search of log2(K_PAD) steps."""
+    outlier indices, `sparse.select`), by a binary search of log2(K_PAD) + 1 steps."""
     base = tl.zeros(key.shape, tl.int32)
     for i in tl.static_range(K_PAD.bit_length()):
         half = K_PAD >> i
