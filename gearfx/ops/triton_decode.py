@@ -133,6 +133,21 @@ def _fast(BITS, CHANNEL, GROUP, BLOCK_T):
 
 
 @triton.jit
+def _piece_scales(scale, minimum, first, tok, t0, ok, D: tl.constexpr, W: tl.constexpr, CHANNEL: tl.constexpr,
+                  GROUP: tl.constexpr):
+    """(scale, minimum) fp32 of channels first .. first + W - 1 of a block's tokens tok: per
+    channel, the block's scale row t0 // GROUP at those channels, [W]; per token, each token's
+    group holding them (W <= GROUP channels share one), [BLOCK_T]."""
+    if CHANNEL:
+        meta = (t0 // GROUP) * D + first + tl.arange(0, W)
+        return tl.load(scale + meta).to(tl.float32), tl.load(minimum + meta).to(tl.float32)
+    else:
+        meta = tok * (D // GROUP) + first // GROUP
+        return (tl.load(scale + meta, mask=ok, other=0.0).to(tl.float32),
+                tl.load(minimum + meta, mask=ok, other=0.0).to(tl.float32))
+
+
+@triton.jit
 def _key_piece(s, q_rows, byte, scale, minimum, tok, t0, ok, gm, j, cb, D: tl.constexpr, BITS: tl.constexpr,
                CHANNEL: tl.constexpr, GROUP: tl.constexpr, W: tl.constexpr, N: tl.constexpr, DOT: tl.constexpr):
     """s + the scores over channels j*N + cb*W + [0, W), the j-th code of each of bytes cb*W ..
@@ -142,16 +157,11 @@ def _key_piece(s, q_rows, byte, scale, minimum, tok, t0, ok, gm, j, cb, D: tl.co
     q = tl.load(q_rows + chan[None, :], mask=gm[:, None], other=0.0)
     qf = q.to(tl.float32)
     code = _as_float((byte >> (j * BITS)) & ((1 << BITS) - 1), q.dtype)
-    if CHANNEL:  # the tile's tokens share scale row t0 // GROUP
-        meta = (t0 // GROUP) * D + chan
-        sc = tl.load(scale + meta).to(tl.float32)
-        mn = tl.load(minimum + meta).to(tl.float32)
+    sc, mn = _piece_scales(scale, minimum, j * N + cb * W, tok, t0, ok, D, W, CHANNEL, GROUP)
+    if CHANNEL:
         s = tl.dot((qf * sc[None, :]).to(q.dtype), tl.trans(code), s, input_precision=DOT)
         return s + tl.sum(qf * mn[None, :], axis=1)[:, None]
-    else:  # the W channels share one group of each token
-        meta = tok * (D // GROUP) + (j * N + cb * W) // GROUP
-        sc = tl.load(scale + meta, mask=ok, other=0.0).to(tl.float32)
-        mn = tl.load(minimum + meta, mask=ok, other=0.0).to(tl.float32)
+    else:
         dots = tl.dot(q, tl.trans(code), input_precision=DOT)
         return s + dots * sc[None, :] + tl.sum(qf, axis=1)[:, None] * mn[None, :]
 
@@ -184,18 +194,12 @@ def _value_piece(p, byte, scale, minimum, tok, t0, ok, j, cb, D: tl.constexpr, B
                  DOT: tl.constexpr, dtype: tl.constexpr):
     """p [G_PAD, BLOCK_T] · the stored values of channels j*N + cb*W + [0, W): [G_PAD, W] fp32,
     the scales folded out of the dot as in `_key_piece`."""
-    chan = j * N + cb * W + tl.arange(0, W)
     code = _as_float((byte >> (j * BITS)) & ((1 << BITS) - 1), dtype)
+    sc, mn = _piece_scales(scale, minimum, j * N + cb * W, tok, t0, ok, D, W, CHANNEL, GROUP)
     if CHANNEL:
-        meta = (t0 // GROUP) * D + chan
-        sc = tl.load(scale + meta).to(tl.float32)
-        mn = tl.load(minimum + meta).to(tl.float32)
         dots = tl.dot(p.to(dtype), code, input_precision=DOT)
         return dots * sc[None, :] + tl.sum(p, axis=1)[:, None] * mn[None, :]
     else:
-        meta = tok * (D // GROUP) + (j * N + cb * W) // GROUP
-        sc = tl.load(scale + meta, mask=ok, other=0.0).to(tl.float32)
-        mn = tl.load(minimum + meta, mask=ok, other=0.0).to(tl.float32)
         return tl.dot((p * sc[None, :]).to(dtype), code, input_precision=DOT) + tl.sum(p * mn[None, :], axis=1)[:, None]
 
 
