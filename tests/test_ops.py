@@ -108,3 +108,35 @@ def test_fp16_prefill_gqa_is_sdpa_over_repeated_kv(additive):
             q[:, :, start:end], *(x.repeat_interleave(g, dim=1) for x in cached), attn_mask=mask[:, :, start:end],
             scale=0.125)
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("recipe", ["gear-4bit", "lossless"])
+def test_prefill_compresses_only_the_chunks_it_reaches(recipe, monkeypatch):
+    """A prefill compresses the window's chunk and those its tokens reach, not the whole store;
+    the chunks past them may hold an earlier sequence's codes, and a new sequence's outputs are
+    the same as on a fresh cache, through decode steps that close chunks."""
+    import gearfx
+    from gearfx.compress.layout import allocate, cache_layout, slots
+    from gearfx.ops import reference
+
+    recipe = gearfx.load_recipe(recipe)
+    b, h, hq, d, capacity, prompt = 1, 2, 4, 64, 1024, 100
+    n, c = slots(recipe, capacity)
+    g = torch.Generator().manual_seed(0)
+    rnd = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    used = allocate(cache_layout(recipe, b, h, d, capacity, torch.float32))
+    reference.attend(rnd(b, hq, 900, d), rnd(b, h, 900, d), rnd(b, h, 900, d), torch.arange(900), None, 0.125,
+                     recipe, capacity, used)  # an earlier, longer sequence
+    fresh = allocate(cache_layout(recipe, b, h, d, capacity, torch.float32))
+    compressed = []
+    real = reference.compress_chunk
+    monkeypatch.setattr(reference, "compress_chunk", lambda x, *a: compressed.append(x.shape[2]) or real(x, *a))
+    q, k, v = rnd(b, hq, prompt, d), rnd(b, h, prompt, d), rnd(b, h, prompt, d)
+    outs = [reference.attend(q, k, v, torch.arange(prompt), None, 0.125, recipe, capacity, s) for s in (used, fresh)]
+    assert compressed == [prompt // c + 2] * 4 and prompt // c + 2 < n  # keys and values, each cache
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    for position in range(prompt, 2 * c + 5):  # closes the chunks the prompt did not fill
+        q, k, v = rnd(b, hq, 1, d), rnd(b, h, 1, d), rnd(b, h, 1, d)
+        outs = [reference.attend(q, k, v, torch.tensor([position]), None, 0.125, recipe, capacity, s)
+                for s in (used, fresh)]
+        torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
