@@ -4,9 +4,9 @@
 
 The Triton decode kernel (`ops/triton_decode.py`) is bound by instructions, not bytes, so what it
 executes per cached token says more about its speed than anything else a machine without a GPU
-can measure. For each recipe at each of gpu_decode.py's shapes this builds the exact launch a
-decode step makes (`triton_decode.launch`), compiles it for the architecture with the ptxas that
-ships in Triton's wheel, and reads the cubin back:
+can measure. For each of gpu_decode.py's recipes at issue 5's two shapes this builds the exact
+launch a decode step makes (`triton_decode.launch`), compiles it for the architecture with the
+ptxas that ships in Triton's wheel, and reads the cubin back:
 - `registers` per thread and `spill_bytes` (the stack frame: registers that did not fit);
 - `loop_instructions`: SASS instructions of the main loop's body (the largest loop), which runs
   once per `block` tokens of each split; `per_token` is the two divided;
@@ -34,11 +34,9 @@ import gearfx
 from gearfx.compress.layout import allocate, cache_layout
 from gearfx.ops import triton_decode
 
-SHAPES = [  # gpu_decode.py's: (label, batch, query heads, KV heads, head_dim, context)
-    ("B=8 H=32 D=128 16k", 8, 32, 32, 128, 16384),
-    ("B=32 32q/8kv D=128 16k", 32, 32, 8, 128, 16384),
-]
-RECIPES = ["gear-4bit", "gear-2bit", "kivi-4bit", "kivi-2bit", "gear-4bit-h2o"]
+import gpu_decode  # this script's folder is on the path
+
+SHAPES = gpu_decode.SHAPES[:2]  # issue 5's (the third is a shorter context of the first)
 POINTER = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.uint8: "*u8",
            torch.int16: "*i16", torch.int32: "*i32", torch.int64: "*i64"}
 TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -116,7 +114,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90)
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
-    parser.add_argument("--recipes", default=",".join(RECIPES))
+    parser.add_argument("--recipes", default=",".join(gpu_decode.RECIPES))
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     rows = []
