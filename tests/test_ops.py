@@ -85,7 +85,8 @@ def test_h2o_window_tokens_are_attended_exactly():
 @pytest.mark.parametrize("additive", [False, True])
 def test_fp16_prefill_gqa_is_sdpa_over_repeated_kv(additive):
     """The uncompressed cache's prefill attends 3 query heads per KV head without repeating the
-    cache per query head, and gets exactly SDPA over the repeated cache (left padding included)."""
+    cache per query head, and gets exactly SDPA over the repeated cache (left padding included):
+    a sequence's first tokens over themselves only, later ones over the whole cache."""
     import gearfx
     from gearfx.compress.layout import allocate, cache_layout
     from gearfx.ops import reference
@@ -103,10 +104,11 @@ def test_fp16_prefill_gqa_is_sdpa_over_repeated_kv(additive):
         pos = torch.arange(start, end)
         got = reference.attend(q[:, :, start:end], k[:, :, start:end], v[:, :, start:end], pos, mask[:, :, start:end],
                                0.125, recipe, capacity, state)
-        cached = [torch.cat([x[:, :, :end], x.new_zeros(b, h, capacity - end, d)], dim=2) for x in (k, v)]
+        keys = end if start == 0 else capacity
+        cached = [torch.cat([x[:, :, :end], x.new_zeros(b, h, keys - end, d)], dim=2) for x in (k, v)]
         want = torch.nn.functional.scaled_dot_product_attention(
-            q[:, :, start:end], *(x.repeat_interleave(g, dim=1) for x in cached), attn_mask=mask[:, :, start:end],
-            scale=0.125)
+            q[:, :, start:end], *(x.repeat_interleave(g, dim=1) for x in cached),
+            attn_mask=mask[:, :, start:end, :keys], scale=0.125)
         assert torch.equal(got, want)
 
 

@@ -132,6 +132,15 @@ def _tracing(t: torch.Tensor) -> bool:
     return torch.compiler.is_compiling() or type(t) is not torch.Tensor
 
 
+def _starts_sequence(cache_position: torch.Tensor) -> bool:
+    """Whether these tokens are a sequence's first (from position 0), read on the host: they then
+    attend only to each other, every later position being masked, so attention can leave out the
+    rest of the cache. In eager code only: a traced program serves any position, and under
+    torch.compile the read splits the graph, after which compiled decode steps went wrong
+    (SmolLM2 gear-4bit: same prefill logits, different tokens from the third on)."""
+    return not _tracing(cache_position) and bool(cache_position[0] == 0)
+
+
 def _sdpa_gqa(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
               scale: float) -> torch.Tensor:
     """SDPA of q [B, Hq, L, D] over keys, values [B, H, T, D] (Hq = g * H: query head j reads
@@ -222,6 +231,8 @@ def attend_rotated(q, k, v, cache_position, attn_mask, scale, recipe, capacity, 
             mask = mask[:, :, None] if mask.shape[1] == 1 else mask.reshape(mask.shape[0], h, g, capacity)
             out = F.scaled_dot_product_attention(q.reshape(b, h, g, d), kc, vc, attn_mask=mask, scale=scale)
             return out.reshape(b, h * g, 1, d)
+        if _starts_sequence(cache_position):
+            return _sdpa_gqa(q, kc[:, :, :length], vc[:, :, :length], mask[..., :length], scale)
         return _sdpa_gqa(q, kc, vc, mask, scale)
     return _attend_chunked(q, k, v, cache_position, attn_mask, scale, recipe, capacity, state)
 
@@ -311,8 +322,8 @@ def _attend_many(q, k, v, cache_position, start, attn_mask, scale, recipe, capac
     # padding the mask. Additive in q's dtype: SDPA turns a bool mask into one of these itself,
     # and finfo.min keeps a fully masked row (left padding) finite.
     bias = _bias(attn_mask, cache_position, capacity, dtype)  # [B|1, 1|Hq, L, capacity]
-    keys, values = base["key"][:, :, :capacity], base["value"][:, :, :capacity]
-    return _sdpa_gqa(q, keys, values, bias, scale), base
+    keys = length if _starts_sequence(cache_position) else capacity
+    return _sdpa_gqa(q, base["key"][:, :, :keys], base["value"][:, :, :keys], bias[..., :keys], scale), base
 
 
 def _attend_one(q, k, v, cache_position, start, attn_mask, scale, recipe, capacity, state):
