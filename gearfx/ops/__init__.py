@@ -17,6 +17,7 @@ alone says what each site does.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from functools import lru_cache
 import torch
@@ -71,18 +72,21 @@ def _run(cfg: SiteConfig, attend=reference.attend):
 
 
 @lru_cache(maxsize=None)
-def _compiled(config: str, decode: bool):
-    """The site's attention without its rotation (`reference.attend_rotated`), compiled.
+def _compiled(config: str, decode: bool, starts: bool):
+    """The site's attention without its rotation (`reference.attend_rotated`), compiled; starts:
+    for a prefill from position 0, which then attends over the prompt's keys only. Decided here,
+    outside the trace: read inside it, the position split the graph and compiled decode went wrong.
 
     Decode steps (L = 1) get a static kernel: every shape is fixed and torch.cond (chunk
     closing) needs concrete head/batch sizes. Prefill lengths vary, so its kernel is dynamic.
     The rotation stays outside (`attend_kernel`): inside, Inductor ordered a read of the value
     codes after their chunk write and so copied the whole store twice per step (8k tokens, 32
     heads: +6 ms on a 16 ms step)."""
-    run = _run(SiteConfig.from_json(config), reference.attend_rotated)
+    run = _run(SiteConfig.from_json(config), functools.partial(reference.attend_rotated, starts=starts))
     # A code object of its own per kernel: dynamo caches compiled entries per code object, and one
     # shared by every config would reach its recompile limit (and fall back to eager) after a few.
-    run.__code__ = run.__code__.replace(co_name=f"gearfx_attend_{'decode' if decode else 'prefill'}")
+    kind = "decode" if decode else "start" if starts else "prefill"
+    run.__code__ = run.__code__.replace(co_name=f"gearfx_attend_{kind}")
     return torch.compile(run, dynamic=not decode)
 
 
@@ -106,7 +110,7 @@ def attend_kernel(q, k, v, cache_position, attn_mask, scale, config, state):
         # Inductor adds only its call overhead (fp16 decode, SmolLM2 layer at capacity 4608: 1.07 ms
         # compiled, 0.59 ms eager; h2o 1.87 / 1.40 ms)
         return _run(cfg)(q, k, v, cache_position, attn_mask, scale, state).contiguous()
-    run = _compiled(config, decode)
+    run = _compiled(config, decode, not decode and bool(cache_position[0] == 0))
     out = reference.with_rotation(lambda q, k, v, pos, mask, scale, *_: run(q, k, v, pos, mask, scale, state),
                                   q, k, v, cache_position, attn_mask, scale, cfg.recipe, cfg.capacity, state)
     return out.contiguous()

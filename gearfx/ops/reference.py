@@ -215,8 +215,12 @@ def _rotation_matrix(head_dim: int, seed: int, device: torch.device) -> torch.Te
     return rotation.matrix(head_dim, seed, device)
 
 
-def attend_rotated(q, k, v, cache_position, attn_mask, scale, recipe, capacity, state):
-    """`attend` without the recipe's rotation: q, k, v are already rotated (`with_rotation`)."""
+def attend_rotated(q, k, v, cache_position, attn_mask, scale, recipe, capacity, state, starts=None):
+    """`attend` without the recipe's rotation: q, k, v are already rotated (`with_rotation`).
+    starts: whether the tokens start a sequence, when the caller knows it outside a trace
+    (`ops._compiled`); None: `_starts_sequence`."""
+    if starts is None:
+        starts = _starts_sequence(cache_position)
     if recipe.h2o is not None:
         return _attend_h2o(q, k, v, cache_position, attn_mask, scale, recipe, capacity, state)
     if not recipe.compresses:
@@ -231,13 +235,13 @@ def attend_rotated(q, k, v, cache_position, attn_mask, scale, recipe, capacity, 
             mask = mask[:, :, None] if mask.shape[1] == 1 else mask.reshape(mask.shape[0], h, g, capacity)
             out = F.scaled_dot_product_attention(q.reshape(b, h, g, d), kc, vc, attn_mask=mask, scale=scale)
             return out.reshape(b, h * g, 1, d)
-        if _starts_sequence(cache_position):
+        if starts:
             return _sdpa_gqa(q, kc[:, :, :length], vc[:, :, :length], mask[..., :length], scale)
         return _sdpa_gqa(q, kc, vc, mask, scale)
-    return _attend_chunked(q, k, v, cache_position, attn_mask, scale, recipe, capacity, state)
+    return _attend_chunked(q, k, v, cache_position, attn_mask, scale, recipe, capacity, state, starts)
 
 
-def _attend_chunked(q, k, v, cache_position, attn_mask, scale, recipe, capacity, state):
+def _attend_chunked(q, k, v, cache_position, attn_mask, scale, recipe, capacity, state, starts):
     b, h, length, d = k.shape
     n, c = slots(recipe, capacity)
     kept = kept_dtype(recipe, q.dtype)
@@ -248,7 +252,7 @@ def _attend_chunked(q, k, v, cache_position, attn_mask, scale, recipe, capacity,
     if length == 1:
         out = _attend_one(q, k, v, cache_position, start, attn_mask, scale, recipe, capacity, state)
     else:
-        out, base = _attend_many(q, k, v, cache_position, start, attn_mask, scale, recipe, capacity, state)
+        out, base = _attend_many(q, k, v, cache_position, start, attn_mask, scale, recipe, capacity, state, starts)
 
     for part, x in (("key", k), ("value", v)):
         spec, win = getattr(recipe, part), state[f"window.{part}"]
@@ -289,7 +293,7 @@ def _attend_chunked(q, k, v, cache_position, attn_mask, scale, recipe, capacity,
     return out
 
 
-def _attend_many(q, k, v, cache_position, start, attn_mask, scale, recipe, capacity, state):
+def _attend_many(q, k, v, cache_position, start, attn_mask, scale, recipe, capacity, state, starts):
     """Attention of L new tokens over the cache with every stored chunk rebuilt (prefill, where
     the new tokens dominate the work), by SDPA: no [L, capacity] scores per head are held, so a
     long prompt costs the rebuilt keys and values, not L x capacity x heads floats. start [B]:
@@ -322,7 +326,7 @@ def _attend_many(q, k, v, cache_position, start, attn_mask, scale, recipe, capac
     # padding the mask. Additive in q's dtype: SDPA turns a bool mask into one of these itself,
     # and finfo.min keeps a fully masked row (left padding) finite.
     bias = _bias(attn_mask, cache_position, capacity, dtype)  # [B|1, 1|Hq, L, capacity]
-    keys = length if _starts_sequence(cache_position) else capacity
+    keys = length if starts else capacity
     return _sdpa_gqa(q, base["key"][:, :, :keys], base["value"][:, :, :keys], bias[..., :keys], scale), base
 
 
