@@ -17,9 +17,8 @@ alone says what each site does.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
-from functools import lru_cache
+from functools import lru_cache, partial
 import torch
 
 from gearfx.compress.layout import Meta, cache_layout
@@ -82,7 +81,7 @@ def _compiled(config: str, decode: bool, starts: bool):
     The rotation stays outside (`attend_kernel`): inside, Inductor ordered a read of the value
     codes after their chunk write and so copied the whole store twice per step (8k tokens, 32
     heads: +6 ms on a 16 ms step)."""
-    run = _run(SiteConfig.from_json(config), functools.partial(reference.attend_rotated, starts=starts))
+    run = _run(SiteConfig.from_json(config), partial(reference.attend_rotated, starts=starts))
     # A code object of its own per kernel: dynamo caches compiled entries per code object, and one
     # shared by every config would reach its recompile limit (and fall back to eager) after a few.
     kind = "decode" if decode else "start" if starts else "prefill"

@@ -219,7 +219,7 @@ def attend_rotated(q, k, v, cache_position, attn_mask, scale, recipe, capacity, 
     """`attend` without the recipe's rotation: q, k, v are already rotated (`with_rotation`).
     starts: whether the tokens start a sequence, when the caller knows it outside a trace
     (`ops._compiled`); None: `_starts_sequence`."""
-    if starts is None:
+    if starts is None and k.shape[2] > 1:  # a prefill's question: decode steps never read it
         starts = _starts_sequence(cache_position)
     if recipe.h2o is not None:
         return _attend_h2o(q, k, v, cache_position, attn_mask, scale, recipe, capacity, state)
