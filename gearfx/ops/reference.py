@@ -325,9 +325,10 @@ def _attend_many(q, k, v, cache_position, start, attn_mask, scale, recipe, capac
     # positions past capacity are chunk padding, masked anyway: slicing them off the keys spares
     # padding the mask. Additive in q's dtype: SDPA turns a bool mask into one of these itself,
     # and finfo.min keeps a fully masked row (left padding) finite.
-    bias = _bias(attn_mask, cache_position, capacity, dtype)  # [B|1, 1|Hq, L, capacity]
+    # A sequence's first tokens see only themselves: their mask is built [L, L], not [L, capacity].
     keys = length if starts else capacity
-    return _sdpa_gqa(q, base["key"][:, :, :keys], base["value"][:, :, :keys], bias[..., :keys], scale), base
+    bias = _bias(None if attn_mask is None else attn_mask[..., :keys], cache_position, keys, dtype)
+    return _sdpa_gqa(q, base["key"][:, :, :keys], base["value"][:, :, :keys], bias, scale), base
 
 
 def _attend_one(q, k, v, cache_position, start, attn_mask, scale, recipe, capacity, state):
