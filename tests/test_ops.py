@@ -114,9 +114,10 @@ def test_fp16_prefill_gqa_is_sdpa_over_repeated_kv(additive):
 
 @pytest.mark.parametrize("recipe", ["gear-4bit", "lossless"])
 def test_prefill_compresses_only_the_chunks_it_reaches(recipe, monkeypatch):
-    """A prefill compresses the window's chunk and those its tokens reach, not the whole store;
-    the chunks past them may hold an earlier sequence's codes, and a new sequence's outputs are
-    the same as on a fresh cache, through decode steps that close chunks."""
+    """A prefill compresses the window's chunk and those its tokens reach, not the whole store,
+    and a sequence's first prefill decompresses nothing; the chunks past them may hold an earlier
+    sequence's codes, and a new sequence's outputs are the same as on a fresh cache, through
+    decode steps that close chunks and a prefill that continues the sequence."""
     import gearfx
     from gearfx.compress.layout import allocate, cache_layout, slots
     from gearfx.ops import reference
@@ -133,12 +134,22 @@ def test_prefill_compresses_only_the_chunks_it_reaches(recipe, monkeypatch):
     compressed = []
     real = reference.compress_chunk
     monkeypatch.setattr(reference, "compress_chunk", lambda x, *a: compressed.append(x.shape[2]) or real(x, *a))
+    decompressed = []
+    unpack = reference.gear.decompress
+    monkeypatch.setattr(reference.gear, "decompress", lambda *a: decompressed.append(1) or unpack(*a))
     q, k, v = rnd(b, hq, prompt, d), rnd(b, h, prompt, d), rnd(b, h, prompt, d)
     outs = [reference.attend(q, k, v, torch.arange(prompt), None, 0.125, recipe, capacity, s) for s in (used, fresh)]
     assert compressed == [prompt // c + 2] * 4 and prompt // c + 2 < n  # keys and values, each cache
+    assert decompressed == []
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
-    for position in range(prompt, 2 * c + 5):  # closes the chunks the prompt did not fill
+    end = 2 * c + 5
+    for position in range(prompt, end):  # closes the chunks the prompt did not fill
         q, k, v = rnd(b, hq, 1, d), rnd(b, h, 1, d), rnd(b, h, 1, d)
         outs = [reference.attend(q, k, v, torch.tensor([position]), None, 0.125, recipe, capacity, s)
                 for s in (used, fresh)]
         torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    q, k, v = rnd(b, hq, 30, d), rnd(b, h, 30, d), rnd(b, h, 30, d)
+    outs = [reference.attend(q, k, v, torch.arange(end, end + 30), None, 0.125, recipe, capacity, s)
+            for s in (used, fresh)]
+    assert decompressed == [1] * 4  # a continuation reads the stored chunks
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)

@@ -295,7 +295,7 @@ def _attend_chunked(q, k, v, cache_position, attn_mask, scale, recipe, capacity,
 
 def _attend_many(q, k, v, cache_position, start, attn_mask, scale, recipe, capacity, state, starts):
     """Attention of L new tokens over the cache with every stored chunk rebuilt (prefill, where
-    the new tokens dominate the work), by SDPA: no [L, capacity] scores per head are held, so a
+    the new tokens dominate the work; none for a sequence's first tokens, `starts`), by SDPA: no [L, capacity] scores per head are held, so a
     long prompt costs the rebuilt keys and values, not L x capacity x heads floats. start [B]:
     each row's first real position. Returns (out [B, Hq, L, D], the rebuilt sequence of keys and
     values [B, H, N*C, D] in q's dtype by part, the new tokens in it)."""
@@ -303,7 +303,7 @@ def _attend_many(q, k, v, cache_position, start, attn_mask, scale, recipe, capac
     n, c = slots(recipe, capacity)
     first = cache_position[:1] // c
     chunk_ids = torch.arange(n, device=q.device)
-    if recipe.sinks:
+    if recipe.sinks and not starts:
         pos = torch.arange(n * c, device=q.device)[None]
         sunk = is_sink(pos, start, recipe.sinks)[:, None, :, None]  # [B, 1, N*C, 1]
         held = (pos - start[:, None]).clamp(0, recipe.sinks - 1)[:, None, :, None].expand(b, h, n * c, d)
@@ -313,6 +313,10 @@ def _attend_many(q, k, v, cache_position, start, attn_mask, scale, recipe, capac
     base = {}
     for part, x in (("key", k), ("value", v)):
         spec = getattr(recipe, part)
+        if starts:  # nothing is stored before a sequence's first tokens: positions past them are
+            # masked, so zeros do, and decompressing the whole store is skipped
+            base[part] = F.pad(x.to(dtype), (0, 0, 0, n * c - length))
+            continue
         if spec.quantized:
             rebuilt = gear.decompress(_chunk(state, part), spec, dtype)  # [B, H, N, C, D]
         else:
