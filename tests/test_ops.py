@@ -153,3 +153,61 @@ def test_prefill_compresses_only_the_chunks_it_reaches(recipe, monkeypatch):
             for s in (used, fresh)]
     assert decompressed == [1] * 4  # a continuation reads the stored chunks
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("recipe", ["fp16", "gear-4bit", "gear-4bit-h2o"])
+@pytest.mark.parametrize("additive", [False, True])
+def test_plain_causal_prefill_skips_the_mask_and_changes_nothing(recipe, additive, monkeypatch):
+    """A sequence's first prefill under a plain causal mask attends with SDPA's is_causal (no
+    mask built); outputs and states are bit for bit those of the masked path, through decode
+    steps. Padding, or a continuation, keeps the mask."""
+    import gearfx
+    from gearfx.compress.layout import allocate, cache_layout
+    from gearfx.ops import reference
+
+    recipe = gearfx.load_recipe(recipe)
+    b, h, hq, d, capacity, prompt = 2, 2, 6, 64, 256, 150
+    gen = torch.Generator().manual_seed(0)
+    rnd = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
+    allowed = torch.ones(b, 1, capacity, capacity, dtype=torch.bool).tril()
+    mask = torch.zeros(()).masked_fill(~allowed, torch.finfo(torch.float32).min) if additive else allowed
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(reference.F, "scaled_dot_product_attention",
+                        lambda *a, is_causal=False, **kw: calls.append(is_causal) or sdpa(*a, is_causal=is_causal, **kw))
+    q, k, v = rnd(b, hq, prompt, d), rnd(b, h, prompt, d), rnd(b, h, prompt, d)
+    steps = [(rnd(b, hq, 1, d), rnd(b, h, 1, d), rnd(b, h, 1, d)) for _ in range(70)]
+    runs = []
+    for plain in (True, False):
+        monkeypatch.setattr(reference, "plain_causal", (lambda m, n: False) if not plain else reference.plain_causal)
+        state = allocate(cache_layout(recipe, b, h, d, capacity, torch.float32))
+        outs = [reference.attend(q, k, v, torch.arange(prompt), mask[:, :, :prompt], 0.125, recipe, capacity, state)]
+        if recipe.h2o is None:  # H2O's prefill computes its own probabilities
+            assert calls and all(calls) == plain
+        calls.clear()
+        for i, (qs, ks, vs) in enumerate(steps):
+            p = prompt + i
+            outs.append(reference.attend(qs, ks, vs, torch.tensor([p]), mask[:, :, p:p + 1], 0.125, recipe, capacity, state))
+        runs.append((outs, state))
+    for x, y in zip(runs[0][0], runs[1][0]):
+        assert torch.equal(x, y)
+    assert all(torch.equal(runs[0][1][n], runs[1][1][n]) for n in runs[0][1])
+    padded = allowed.clone()
+    padded[1, :, :, :3] = False
+    assert not reference.plain_causal(padded[:, :, :prompt], prompt)
+    assert not reference.plain_causal(allowed[:, :, :prompt] & ~allowed[:, :, :prompt].tril(-64), prompt)  # a window
+
+
+def test_real_tokens_reads_each_mask_dtype():
+    """Padding is found in bool masks and in additive masks of any dtype: an fp16 mask's masked
+    entries (-65504) are far above fp32's minimum."""
+    from gearfx.ops.reference import real_tokens
+
+    allowed = torch.ones(2, 1, 8, 8, dtype=torch.bool).tril()
+    allowed[1, :, :, :3] = False
+    want = torch.tensor([[True] * 8, [False] * 3 + [True] * 5])
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        additive = torch.zeros((), dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+        assert torch.equal(real_tokens(additive, torch.arange(8)), want)
+    assert torch.equal(real_tokens(allowed, torch.arange(8)), want)
+    assert real_tokens(None, torch.arange(8)).all()

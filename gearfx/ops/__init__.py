@@ -110,6 +110,7 @@ def attend_kernel(q, k, v, cache_position, attn_mask, scale, config, state):
         # compiled, 0.59 ms eager; h2o 1.87 / 1.40 ms)
         return _run(cfg)(q, k, v, cache_position, attn_mask, scale, state).contiguous()
     run = _compiled(config, decode, not decode and bool(cache_position[0] == 0))
+    attn_mask = reference.causal_if_plain(attn_mask, cache_position)  # the compiled code cannot ask
     out = reference.with_rotation(lambda q, k, v, pos, mask, scale, *_: run(q, k, v, pos, mask, scale, state),
                                   q, k, v, cache_position, attn_mask, scale, cfg.recipe, cfg.capacity, state)
     return out.contiguous()

@@ -684,7 +684,7 @@ def _decode(q, k, v, cache_position, attn_mask, scale, recipe, capacity, state):
         scores.copy_(h2o.accumulate(scores, probs, recipe.h2o.decay))
         return out
     c, kept = recipe.window, kept_dtype(recipe, q.dtype)
-    real = reference.real_tokens(attn_mask, cache_position, slots(recipe, capacity)[0] * c)
+    real = reference.real_tokens(attn_mask, cache_position)
     start = reference.row_starts(real, cache_position, state)
     if recipe.sinks:
         reference.write_sinks(state, k, v, cache_position, start, recipe.sinks, kept)
