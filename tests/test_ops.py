@@ -173,8 +173,12 @@ def test_plain_causal_prefill_skips_the_mask_and_changes_nothing(recipe, additiv
     mask = torch.zeros(()).masked_fill(~allowed, torch.finfo(torch.float32).min) if additive else allowed
     calls = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
-    monkeypatch.setattr(reference.F, "scaled_dot_product_attention",
-                        lambda *a, is_causal=False, **kw: calls.append(is_causal) or sdpa(*a, is_causal=is_causal, **kw))
+
+    def recorded(*args, is_causal=False, **kwargs):
+        calls.append(is_causal)
+        return sdpa(*args, is_causal=is_causal, **kwargs)
+
+    monkeypatch.setattr(reference.F, "scaled_dot_product_attention", recorded)
     q, k, v = rnd(b, hq, prompt, d), rnd(b, h, prompt, d), rnd(b, h, prompt, d)
     steps = [(rnd(b, hq, 1, d), rnd(b, h, 1, d), rnd(b, h, 1, d)) for _ in range(70)]
     runs = []
@@ -187,7 +191,8 @@ def test_plain_causal_prefill_skips_the_mask_and_changes_nothing(recipe, additiv
         calls.clear()
         for i, (qs, ks, vs) in enumerate(steps):
             p = prompt + i
-            outs.append(reference.attend(qs, ks, vs, torch.tensor([p]), mask[:, :, p:p + 1], 0.125, recipe, capacity, state))
+            outs.append(reference.attend(qs, ks, vs, torch.tensor([p]), mask[:, :, p:p + 1], 0.125, recipe, capacity,
+                                         state))
         runs.append((outs, state))
     for x, y in zip(runs[0][0], runs[1][0]):
         assert torch.equal(x, y)
@@ -195,7 +200,8 @@ def test_plain_causal_prefill_skips_the_mask_and_changes_nothing(recipe, additiv
     padded = allowed.clone()
     padded[1, :, :, :3] = False
     assert not reference.plain_causal(padded[:, :, :prompt], prompt)
-    assert not reference.plain_causal(allowed[:, :, :prompt] & ~allowed[:, :, :prompt].tril(-64), prompt)  # a window
+    assert not reference.plain_causal(allowed[:, :, :prompt] & ~allowed[:, :, :prompt].tril(-64), prompt)  # window
+    assert not reference.plain_causal(allowed[:, :, :1], prompt)  # one row, broadcast over the queries
 
 
 def test_real_tokens_reads_each_mask_dtype():

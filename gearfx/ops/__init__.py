@@ -109,8 +109,10 @@ def attend_kernel(q, k, v, cache_position, attn_mask, scale, config, state):
         # Inductor adds only its call overhead (fp16 decode, SmolLM2 layer at capacity 4608: 1.07 ms
         # compiled, 0.59 ms eager; h2o 1.87 / 1.40 ms)
         return _run(cfg)(q, k, v, cache_position, attn_mask, scale, state).contiguous()
-    run = _compiled(config, decode, not decode and bool(cache_position[0] == 0))
-    attn_mask = reference.causal_if_plain(attn_mask, cache_position)  # the compiled code cannot ask
+    starts = not decode and bool(cache_position[0] == 0)
+    if starts:  # asked here: the compiled code cannot read the mask on the host either
+        attn_mask = reference.causal_if_plain(attn_mask, q.shape[2])
+    run = _compiled(config, decode, starts)
     out = reference.with_rotation(lambda q, k, v, pos, mask, scale, *_: run(q, k, v, pos, mask, scale, state),
                                   q, k, v, cache_position, attn_mask, scale, cfg.recipe, cfg.capacity, state)
     return out.contiguous()

@@ -146,6 +146,8 @@ def plain_causal(attn_mask: torch.Tensor, length: int) -> bool:
     (no padding, no sliding window, no bias), read on the host. A sequence's first tokens then
     attend with SDPA's is_causal instead, which skips the masked half of the scores: 2.2x faster
     at 4000 tokens, with the same outputs bit for bit."""
+    if attn_mask.shape[-2] != length or attn_mask.shape[-1] < length:  # a broadcast row is no causal mask
+        return False
     mask = attn_mask[..., :length, :length]
     causal = torch.ones(length, length, dtype=torch.bool, device=mask.device).tril_().expand(mask.shape)
     if mask.dtype == torch.bool:
@@ -154,13 +156,10 @@ def plain_causal(attn_mask: torch.Tensor, length: int) -> bool:
     return bool(torch.where(causal, mask == 0, mask <= masked).all())
 
 
-def causal_if_plain(attn_mask: torch.Tensor | None, cache_position: torch.Tensor) -> torch.Tensor | None:
-    """None (plain causal attention) for a prefill that starts a sequence under a plain causal
-    mask, else attn_mask. On the host, outside any trace (`_starts_sequence`)."""
-    length = cache_position.shape[0]
-    if attn_mask is None or length == 1 or not _starts_sequence(cache_position):
-        return attn_mask
-    return None if plain_causal(attn_mask, length) else attn_mask
+def causal_if_plain(attn_mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
+    """For the L = length tokens that start a sequence: None (plain causal attention) if their
+    mask is plain causal (`plain_causal`), else attn_mask. On the host, outside any trace."""
+    return None if attn_mask is None or plain_causal(attn_mask, length) else attn_mask
 
 
 def _sdpa_gqa(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
@@ -245,7 +244,8 @@ def attend_rotated(q, k, v, cache_position, attn_mask, scale, recipe, capacity, 
     (`ops._compiled`); None: `_starts_sequence`."""
     if starts is None and k.shape[2] > 1:  # a prefill's question: decode steps never read it
         starts = _starts_sequence(cache_position)
-        attn_mask = causal_if_plain(attn_mask, cache_position)
+        if starts:
+            attn_mask = causal_if_plain(attn_mask, k.shape[2])
     if recipe.h2o is not None:
         return _attend_h2o(q, k, v, cache_position, attn_mask, scale, recipe, capacity, state)
     if not recipe.compresses:
@@ -321,10 +321,11 @@ def _attend_chunked(q, k, v, cache_position, attn_mask, scale, recipe, capacity,
 
 def _attend_many(q, k, v, cache_position, start, attn_mask, scale, recipe, capacity, state, starts):
     """Attention of L new tokens over the cache with every stored chunk rebuilt (prefill, where
-    the new tokens dominate the work; none for a sequence's first tokens, `starts`), by SDPA: no [L, capacity] scores per head are held, so a
-    long prompt costs the rebuilt keys and values, not L x capacity x heads floats. start [B]:
-    each row's first real position. Returns (out [B, Hq, L, D], the rebuilt sequence of keys and
-    values [B, H, N*C, D] in q's dtype by part, the new tokens in it)."""
+    the new tokens dominate the work; none for a sequence's first tokens, `starts`), by SDPA: no
+    [L, capacity] scores per head are held, so a long prompt costs the rebuilt keys and values,
+    not L x capacity x heads floats. start [B]: each row's first real position. Returns (out
+    [B, Hq, L, D], the rebuilt sequence of keys and values [B, H, N*C, D] in q's dtype by part,
+    the new tokens in it)."""
     b, h, length, d = k.shape
     n, c = slots(recipe, capacity)
     first = cache_position[:1] // c
