@@ -326,33 +326,16 @@ def _attend_many(q, k, v, cache_position, start, attn_mask, scale, recipe, capac
     not L x capacity x heads floats. start [B]: each row's first real position. Returns (out
     [B, Hq, L, D], the rebuilt sequence of keys and values [B, H, N*C, D] in q's dtype by part,
     the new tokens in it)."""
-    b, h, length, d = k.shape
+    length = k.shape[2]
     n, c = slots(recipe, capacity)
-    first = cache_position[:1] // c
-    chunk_ids = torch.arange(n, device=q.device)
-    if recipe.sinks and not starts:
-        pos = torch.arange(n * c, device=q.device)[None]
-        sunk = is_sink(pos, start, recipe.sinks)[:, None, :, None]  # [B, 1, N*C, 1]
-        held = (pos - start[:, None]).clamp(0, recipe.sinks - 1)[:, None, :, None].expand(b, h, n * c, d)
     # the model's dtype, not fp32: these [B, H, N*C, D] tensors are the prefill's scratch memory,
     # and the kept dtype the caller re-compresses them in is never wider (`kept_dtype`)
     dtype = q.dtype
-    base = {}
-    for part, x in (("key", k), ("value", v)):
-        spec = getattr(recipe, part)
-        if starts:  # nothing is stored before a sequence's first tokens: positions past them are
-            # masked, so zeros do, and decompressing the whole store is skipped
-            base[part] = F.pad(x.to(dtype), (0, 0, 0, n * c - length))
-            continue
-        if spec.quantized:
-            rebuilt = gear.decompress(_chunk(state, part), spec, dtype)  # [B, H, N, C, D]
-        else:
-            rebuilt = state[f"{part}.data"].to(dtype)
-        window = state[f"window.{part}"][:, :, None].to(dtype)
-        rebuilt = torch.where((chunk_ids == first)[:, None, None], window, rebuilt).reshape(b, h, n * c, d)
-        if recipe.sinks:
-            rebuilt = torch.where(sunk, state[f"sink.{part}"].to(dtype).gather(2, held), rebuilt)
-        base[part] = rebuilt.index_copy(2, cache_position, x.to(dtype))
+    if starts:  # nothing is stored before a sequence's first tokens: positions past them are
+        # masked, so zeros do, and decompressing the whole store is skipped
+        base = {part: F.pad(x.to(dtype), (0, 0, 0, n * c - length)) for part, x in (("key", k), ("value", v))}
+    else:
+        base = _rebuilt(k, v, cache_position, start, recipe, n, c, state, dtype)
     # positions past capacity are chunk padding, masked anyway: slicing them off the keys spares
     # padding the mask. Additive in q's dtype: SDPA turns a bool mask into one of these itself,
     # and finfo.min keeps a fully masked row (left padding) finite.
@@ -363,6 +346,32 @@ def _attend_many(q, k, v, cache_position, start, attn_mask, scale, recipe, capac
     else:
         bias = _bias(None if attn_mask is None else attn_mask[..., :keys], cache_position, keys, dtype)
     return _sdpa_gqa(q, base["key"][:, :, :keys], base["value"][:, :, :keys], bias, scale), base
+
+
+def _rebuilt(k, v, cache_position, start, recipe, n, c, state, dtype) -> dict[str, torch.Tensor]:
+    """The cached sequence of keys and values [B, H, N*C, D] in dtype, by part, with the call's
+    tokens k, v [B, H, L, D] at cache_position: every chunk decompressed, the window's chunk read
+    from the window, a row's sinks (from start [B]) from the sink buffer."""
+    b, h, _, d = k.shape
+    first = cache_position[:1] // c
+    chunk_ids = torch.arange(n, device=k.device)
+    if recipe.sinks:
+        pos = torch.arange(n * c, device=k.device)[None]
+        sunk = is_sink(pos, start, recipe.sinks)[:, None, :, None]  # [B, 1, N*C, 1]
+        held = (pos - start[:, None]).clamp(0, recipe.sinks - 1)[:, None, :, None].expand(b, h, n * c, d)
+    base = {}
+    for part, x in (("key", k), ("value", v)):
+        spec = getattr(recipe, part)
+        if spec.quantized:
+            rebuilt = gear.decompress(_chunk(state, part), spec, dtype)  # [B, H, N, C, D]
+        else:
+            rebuilt = state[f"{part}.data"].to(dtype)
+        window = state[f"window.{part}"][:, :, None].to(dtype)
+        rebuilt = torch.where((chunk_ids == first)[:, None, None], window, rebuilt).reshape(b, h, n * c, d)
+        if recipe.sinks:
+            rebuilt = torch.where(sunk, state[f"sink.{part}"].to(dtype).gather(2, held), rebuilt)
+        base[part] = rebuilt.index_copy(2, cache_position, x.to(dtype))
+    return base
 
 
 def _attend_one(q, k, v, cache_position, start, attn_mask, scale, recipe, capacity, state):
