@@ -88,8 +88,9 @@ def test_decode_matches_reference(case, groups, mask_kind):
 
 @pytest.mark.parametrize("case", ["gear-4bit", "h2o-4bit", "k4t-v4c"])
 def test_decode_matches_reference_in_half_precision(case):
-    """fp16 dots: the codes become fp16 by bit arithmetic (`triton_decode._as_float`) and the
-    scales fold into q and p in fp16, so outputs agree to fp16 rounding."""
+    """fp16 dots: the codes become fp16 pairs by bit arithmetic (`triton_decode._code_tile`) and
+    are dequantized by fp16 FMAs (keys per channel, values per token) or scale the fp32 dot (keys
+    per token, values per channel), so outputs agree to fp16 rounding."""
     _compare(CASES[case], 2, "bool", torch.float16, 2e-3)
 
 

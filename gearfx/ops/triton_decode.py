@@ -13,10 +13,12 @@ there, stored so at chunk close (`gear.Chunk`): the kernel reads it as is.
 
 The kernel is bound by instructions, not bytes (an H100 ran gear-4bit at 15x its byte floor), so
 the hot loop does as little per code as it can:
-- 2/4/8-bit codes are read as whole bytes and each code position of a byte becomes its own
-  tensor-core `tl.dot` over the integer codes (`_scores`, `_values`): a per-channel scale and
-  minimum fold into q (or, per token, into p) once per block instead of being applied per code,
-  and codes become floats by two ALU ops (`_as_float`). Other widths gather code by code.
+- 2/4/8-bit codes are read as whole words and each code position of a byte becomes its own
+  tensor-core `tl.dot` (`_scores`, `_values`). In fp16/bf16 one ALU op turns two codes into a
+  float pair (`_code_tile`). A scale that varies along the dot's reduction (keys per channel,
+  values per token) dequantizes the codes by one fused multiply-add a pair, in the tile; one that
+  does not (keys per token, values per channel) scales the dot's fp32 result. Other widths
+  gather code by code.
 - A key outlier is found by binary search in its chunk's sorted indices (`_key_outliers`), a
   value outlier is added after the loop from the logits it stored (`_value_outliers`): one step
   per outlier, where one-hot products over all of a chunk's outliers cost more than the codes.
@@ -104,29 +106,59 @@ def _perm(c, D: tl.constexpr, BITS: tl.constexpr):
         return c
 
 
-@triton.jit
-def _bytes(codes, tok, ok, cb, W: tl.constexpr, N: tl.constexpr):
-    """Bytes cb*W .. cb*W + W - 1 of rows tok of a store packed N bytes a row: [BLOCK_T, W] int32."""
-    i = tl.arange(0, W)
-    return tl.load(codes + tok[:, None] * N + cb * W + i[None, :], mask=ok[:, None], other=0).to(tl.int32)
+@triton.constexpr_function
+def _base(dtype, BITS):
+    """The 16-bit float whose mantissa holds every BITS-bit code c exactly (its bits | c is the
+    float base + c), as (bits, base); or None where `dtype` has 32 bits or too few mantissa bits."""
+    if dtype == tl.float16:
+        return 0x6400, 1024.0  # 1024 + c for c < 1024
+    elif dtype == tl.bfloat16 and BITS <= 7:
+        return 0x4300, 128.0  # 128 + c for c < 128
+    else:
+        return None
 
 
 @triton.jit
-def _as_float(code, dtype: tl.constexpr):
-    """Integer codes (0 .. 255) as `dtype`, exactly: OR-ing a code into the mantissa of a power of
-    two and subtracting that power costs two ALU ops, where an int-to-float conversion runs at a
-    quarter of their rate."""
-    if dtype == tl.float16:  # 1024 + c, c < 1024
-        return (code | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1024.0
+def _bytes(codes, tok, ok, cb, W: tl.constexpr, N: tl.constexpr, BITS: tl.constexpr, dtype: tl.constexpr):
+    """Bytes cb*W .. cb*W + W - 1 of rows tok of a store packed N bytes a row, as `_code_tile`
+    reads them: for 16-bit floats, [BLOCK_T, W / 4] int32 words (4 bytes each, little-endian); else
+    [BLOCK_T, W] int32, a byte each."""
+    if _base(dtype, BITS) is not None:
+        i = tl.arange(0, W // 4)
+        words = codes.to(tl.pointer_type(tl.int32)) + tok[:, None] * (N // 4) + cb * (W // 4) + i[None, :]
+        return tl.load(words, mask=ok[:, None], other=0)
+    else:
+        i = tl.arange(0, W)
+        return tl.load(codes + tok[:, None] * N + cb * W + i[None, :], mask=ok[:, None], other=0).to(tl.int32)
+
+
+@triton.jit
+def _code_tile(raw, j, BITS: tl.constexpr, dtype: tl.constexpr):
+    """The j-th BITS-bit code of each byte of `_bytes`'s tile, as `dtype` [BLOCK_T, W] in byte order,
+    exactly. A code OR-ed into the mantissa of a float (`_base`), minus that float, costs two ALU
+    ops where an int-to-float conversion runs at a quarter of their rate; for 16-bit floats one op
+    does it for two bytes of a word at once (bytes 0 and 2, or 1 and 3: the halves of a pair)."""
+    base: tl.constexpr = _base(dtype, BITS)
+    if base is not None:
+        mask: tl.constexpr = ((1 << BITS) - 1) * 0x00010001
+        bits: tl.constexpr = base[0] * 0x00010001
+        even = ((raw >> (j * BITS)) & mask) | bits  # bytes 0 and 2
+        odd = ((raw >> (8 + j * BITS)) & mask) | bits  # bytes 1 and 3
+        b0 = even.to(tl.int16).to(dtype, bitcast=True)
+        b2 = (even >> 16).to(tl.int16).to(dtype, bitcast=True)
+        b1 = odd.to(tl.int16).to(dtype, bitcast=True)
+        b3 = (odd >> 16).to(tl.int16).to(dtype, bitcast=True)
+        tile = tl.reshape(tl.join(tl.join(b0, b2), tl.join(b1, b3)), [raw.shape[0], raw.shape[1] * 4])
+        return tile - base[1]
     elif dtype == tl.float32:  # 2^23 + c
-        return (code | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-    else:  # bfloat16 holds 128 + c exactly only below c = 128: converted
-        return code.to(dtype)
+        return (((raw >> (j * BITS)) & ((1 << BITS) - 1)) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+    else:
+        return ((raw >> (j * BITS)) & ((1 << BITS) - 1)).to(dtype)
 
 
 @triton.constexpr_function
 def _fast(BITS, CHANNEL, GROUP, BLOCK_T):
-    """Whether a store is read by whole bytes with its scales folded out of the dot (`_scores`,
+    """Whether a store is read by whole bytes, a dot per code position of a byte (`_scores`,
     `_values`): 2, 4 and 8 bits, and a tile's tokens sharing one scale row when scales are per
     channel."""
     return (BITS == 2 or BITS == 4 or BITS == 8) and (not CHANNEL or BLOCK_T <= GROUP)
@@ -151,19 +183,21 @@ def _piece_scales(scale, minimum, first, tok, t0, ok, D: tl.constexpr, W: tl.con
 def _key_piece(s, q_rows, byte, scale, minimum, tok, t0, ok, gm, j, cb, D: tl.constexpr, BITS: tl.constexpr,
                CHANNEL: tl.constexpr, GROUP: tl.constexpr, W: tl.constexpr, N: tl.constexpr, DOT: tl.constexpr):
     """s + the scores over channels j*N + cb*W + [0, W), the j-th code of each of bytes cb*W ..
-    (torchao's layout: code j*N + i in bits j*BITS.. of byte i). The dot reads the codes as they
-    are: a per-channel scale folds into q, a per-token one scales the dot's result."""
+    (torchao's layout: code j*N + i in bits j*BITS.. of byte i). A per-channel scale varies along
+    the dot's reduction: the tile is dequantized by one FMA a code (rounding once, as the
+    reference's cast of its fp32 reconstruction does); a per-token one scales the fp32 result.
+    Folding per-channel scales into q instead costs a product and a reduction over every padded
+    query row per piece, and a trip through shared memory."""
     chan = j * N + cb * W + tl.arange(0, W)
     q = tl.load(q_rows + chan[None, :], mask=gm[:, None], other=0.0)
-    qf = q.to(tl.float32)
-    code = _as_float((byte >> (j * BITS)) & ((1 << BITS) - 1), q.dtype)
+    code = _code_tile(byte, j, BITS, q.dtype)
     sc, mn = _piece_scales(scale, minimum, j * N + cb * W, tok, t0, ok, D, W, CHANNEL, GROUP)
     if CHANNEL:
-        s = tl.dot((qf * sc[None, :]).to(q.dtype), tl.trans(code), s, input_precision=DOT)
-        return s + tl.sum(qf * mn[None, :], axis=1)[:, None]
+        k = tl.fma(code, sc.to(q.dtype)[None, :], mn.to(q.dtype)[None, :])
+        return tl.dot(q, tl.trans(k), s, input_precision=DOT)
     else:
         dots = tl.dot(q, tl.trans(code), input_precision=DOT)
-        return s + dots * sc[None, :] + tl.sum(qf, axis=1)[:, None] * mn[None, :]
+        return s + dots * sc[None, :] + tl.sum(q.to(tl.float32), axis=1)[:, None] * mn[None, :]
 
 
 @triton.jit
@@ -176,7 +210,7 @@ def _scores(q_rows, codes, scale, minimum, tok, t0, ok, gm, D: tl.constexpr, BIT
         N: tl.constexpr = D * BITS // 8
         s = tl.zeros([G_PAD, BLOCK_T], tl.float32)
         for cb in tl.static_range(N // W):
-            byte = _bytes(codes, tok, ok, cb, W, N)
+            byte = _bytes(codes, tok, ok, cb, W, N, BITS, q_rows.dtype.element_ty)
             for j in tl.static_range(8 // BITS):
                 s = _key_piece(s, q_rows, byte, scale, minimum, tok, t0, ok, gm, j, cb, D, BITS, CHANNEL,
                                GROUP, W, N, DOT)
@@ -192,15 +226,17 @@ def _scores(q_rows, codes, scale, minimum, tok, t0, ok, gm, D: tl.constexpr, BIT
 def _value_piece(p, byte, scale, minimum, tok, t0, ok, j, cb, D: tl.constexpr, BITS: tl.constexpr,
                  CHANNEL: tl.constexpr, GROUP: tl.constexpr, W: tl.constexpr, N: tl.constexpr,
                  DOT: tl.constexpr, dtype: tl.constexpr):
-    """p [G_PAD, BLOCK_T] · the stored values of channels j*N + cb*W + [0, W): [G_PAD, W] fp32,
-    the scales folded out of the dot as in `_key_piece`."""
-    code = _as_float((byte >> (j * BITS)) & ((1 << BITS) - 1), dtype)
+    """p [G_PAD, BLOCK_T] · the stored values of channels j*N + cb*W + [0, W): [G_PAD, W] fp32. As
+    in `_key_piece`, per-token scales (along the reduction) dequantize the tile, per-channel ones
+    scale the result."""
+    code = _code_tile(byte, j, BITS, dtype)
     sc, mn = _piece_scales(scale, minimum, j * N + cb * W, tok, t0, ok, D, W, CHANNEL, GROUP)
     if CHANNEL:
         dots = tl.dot(p.to(dtype), code, input_precision=DOT)
         return dots * sc[None, :] + tl.sum(p, axis=1)[:, None] * mn[None, :]
     else:
-        return tl.dot((p * sc[None, :]).to(dtype), code, input_precision=DOT) + tl.sum(p * mn[None, :], axis=1)[:, None]
+        v = tl.fma(code, sc.to(dtype)[:, None], mn.to(dtype)[:, None])
+        return tl.dot(p.to(dtype), v, input_precision=DOT)
 
 
 @triton.jit
@@ -210,7 +246,7 @@ def _value_block(p, codes, scale, minimum, tok, t0, ok, cb, D: tl.constexpr, BIT
     """p · the stored values of bytes cb*W .. cb*W + W - 1: [G_PAD, W * 8 / BITS], column i*P + j
     for code j of byte i (`_perm` order)."""
     N: tl.constexpr = D * BITS // 8
-    byte = _bytes(codes, tok, ok, cb, W, N)
+    byte = _bytes(codes, tok, ok, cb, W, N, BITS, dtype)
     if BITS == 8:
         return _value_piece(p, byte, scale, minimum, tok, t0, ok, 0, cb, D, BITS, CHANNEL, GROUP, W, N, DOT, dtype)
     elif BITS == 4:
@@ -405,6 +441,7 @@ def _decode_kernel(
         closed = (cpos // C) * C  # positions < closed sit in compressed chunks
         q_head = Q + bh * G * D
         q_rows = q_head + g[:, None] * D
+        sinks = tl.load(START + b).to(tl.int32) if NSINK > 0 else 0  # the row's first sink
         for t0 in range(start, end, BLOCK_T):
             tok = t0 + tl.arange(0, BLOCK_T)
             inside = tok < end
@@ -412,8 +449,7 @@ def _decode_kernel(
                 posn = tok
                 ok = inside & (tok < closed)
                 if NSINK > 0:  # the row's sinks are attended from the sink buffer
-                    row_start = tl.load(START + b)
-                    ok = ok & ((tok < row_start) | (tok >= row_start + NSINK))
+                    ok = ok & ((tok < sinks) | (tok >= sinks + NSINK))
             else:  # H2O slots: a position per slot, -1 when empty
                 posn = tl.load(POS + bh * T + tok, mask=inside, other=-1)
                 ok = inside & (posn >= 0)
@@ -543,7 +579,7 @@ def supports(recipe: Recipe, head_dim: int) -> bool:
 def _block(recipe: Recipe, chunk: int) -> int:
     """Tokens per block: a power of 2 in 16..64 that divides a chunk or that a chunk divides; a
     block must sit inside one chunk when there are low-rank factors (one B per block), and inside
-    one scale row of a per-channel store (`_fast`: its scales fold out of the dot)."""
+    one scale row of a per-channel store (`_fast`: one scale row a tile)."""
     ranked = any(s.quantized and s.resolve_rank(chunk) for s in (recipe.key, recipe.value))
     rows = [s.group for s in (recipe.key, recipe.value) if s.quantized and s.axis == "channel"]
     block = 64
