@@ -226,63 +226,65 @@ def _scores(q_rows, codes, scale, minimum, tok, t0, ok, gm, D: tl.constexpr, BIT
 def _value_piece(p, byte, scale, minimum, tok, t0, ok, j, cb, D: tl.constexpr, BITS: tl.constexpr,
                  CHANNEL: tl.constexpr, GROUP: tl.constexpr, W: tl.constexpr, N: tl.constexpr,
                  DOT: tl.constexpr, dtype: tl.constexpr):
-    """p [G_PAD, BLOCK_T] · the stored values of channels j*N + cb*W + [0, W): [G_PAD, W] fp32. As
-    in `_key_piece`, per-token scales (along the reduction) dequantize the tile, per-channel ones
+    """(p [G_PAD, BLOCK_T] · the stored values of channels j*N + cb*W + [0, W))ᵀ: [W, G_PAD] fp32.
+    As in `_key_piece`, per-token scales (along the reduction) dequantize the tile, per-channel ones
     scale the result."""
     code = _code_tile(byte, j, BITS, dtype)
     sc, mn = _piece_scales(scale, minimum, j * N + cb * W, tok, t0, ok, D, W, CHANNEL, GROUP)
     if CHANNEL:
-        dots = tl.dot(p.to(dtype), code, input_precision=DOT)
-        return dots * sc[None, :] + tl.sum(p, axis=1)[:, None] * mn[None, :]
+        dots = tl.dot(tl.trans(code), tl.trans(p.to(dtype)), input_precision=DOT)
+        return dots * sc[:, None] + tl.sum(p, axis=1)[None, :] * mn[:, None]
     else:
         v = tl.fma(code, sc.to(dtype)[:, None], mn.to(dtype)[:, None])
-        return tl.dot(p.to(dtype), v, input_precision=DOT)
+        return tl.dot(tl.trans(v), tl.trans(p.to(dtype)), input_precision=DOT)
 
 
 @triton.jit
 def _value_block(p, codes, scale, minimum, tok, t0, ok, cb, D: tl.constexpr, BITS: tl.constexpr,
                  CHANNEL: tl.constexpr, GROUP: tl.constexpr, W: tl.constexpr, G_PAD: tl.constexpr,
                  DOT: tl.constexpr, dtype: tl.constexpr):
-    """p · the stored values of bytes cb*W .. cb*W + W - 1: [G_PAD, W * 8 / BITS], column i*P + j
+    """(p · the stored values of bytes cb*W .. cb*W + W - 1)ᵀ: [W * 8 / BITS, G_PAD], row i*P + j
     for code j of byte i (`_perm` order)."""
     N: tl.constexpr = D * BITS // 8
     byte = _bytes(codes, tok, ok, cb, W, N, BITS, dtype)
     if BITS == 8:
         return _value_piece(p, byte, scale, minimum, tok, t0, ok, 0, cb, D, BITS, CHANNEL, GROUP, W, N, DOT, dtype)
     elif BITS == 4:
-        return tl.reshape(tl.join(
+        return tl.reshape(tl.permute(tl.join(
             _value_piece(p, byte, scale, minimum, tok, t0, ok, 0, cb, D, BITS, CHANNEL, GROUP, W, N, DOT, dtype),
             _value_piece(p, byte, scale, minimum, tok, t0, ok, 1, cb, D, BITS, CHANNEL, GROUP, W, N, DOT, dtype)),
-            [G_PAD, 2 * W])
-    else:  # join(join(0, 2), join(1, 3)) puts code j at column i*4 + j
-        return tl.reshape(tl.join(
+            (0, 2, 1)), [2 * W, G_PAD])
+    else:  # join(join(0, 2), join(1, 3)) [W, G_PAD, a, b] holds code 2a + b: row i*4 + j
+        return tl.reshape(tl.permute(tl.join(
             tl.join(_value_piece(p, byte, scale, minimum, tok, t0, ok, 0, cb, D, BITS, CHANNEL, GROUP, W, N, DOT, dtype),
                     _value_piece(p, byte, scale, minimum, tok, t0, ok, 2, cb, D, BITS, CHANNEL, GROUP, W, N, DOT, dtype)),
             tl.join(_value_piece(p, byte, scale, minimum, tok, t0, ok, 1, cb, D, BITS, CHANNEL, GROUP, W, N, DOT, dtype),
                     _value_piece(p, byte, scale, minimum, tok, t0, ok, 3, cb, D, BITS, CHANNEL, GROUP, W, N, DOT, dtype))),
-            [G_PAD, 4 * W])
+            (0, 2, 3, 1)), [4 * W, G_PAD])
 
 
 @triton.jit
 def _values(p, codes, scale, minimum, tok, t0, ok, D: tl.constexpr, BITS: tl.constexpr, CHANNEL: tl.constexpr,
             GROUP: tl.constexpr, W: tl.constexpr, BLOCK_T: tl.constexpr, G_PAD: tl.constexpr,
             DOT: tl.constexpr, dtype: tl.constexpr):
-    """p [G_PAD, BLOCK_T] · the stored values of tokens tok: [G_PAD, D] fp32, columns in `_perm`
+    """(p [G_PAD, BLOCK_T] · the stored values of tokens tok)ᵀ: [D, G_PAD] fp32, rows in `_perm`
     order. W: bytes of a row read per dot (a per-token scale group); the fast path takes one or two
-    such blocks a row, else the values are gathered code by code."""
+    such blocks a row, else the values are gathered code by code. Transposed, the value tile is the
+    dot's first operand, which Triton feeds from shared memory without the register moves its
+    second operand needed (one in ten of the loop's instructions)."""
     N: tl.constexpr = D * BITS // 8
     if _fast(BITS, CHANNEL, GROUP, BLOCK_T) and N // W <= 2:
         if N // W == 1:
             return _value_block(p, codes, scale, minimum, tok, t0, ok, 0, D, BITS, CHANNEL, GROUP, W, G_PAD, DOT, dtype)
-        else:  # [block 0, block 1] along columns
+        else:  # [block 0, block 1] along rows
             both = tl.join(
                 _value_block(p, codes, scale, minimum, tok, t0, ok, 0, D, BITS, CHANNEL, GROUP, W, G_PAD, DOT, dtype),
                 _value_block(p, codes, scale, minimum, tok, t0, ok, 1, D, BITS, CHANNEL, GROUP, W, G_PAD, DOT, dtype))
-            return tl.reshape(tl.permute(both, (0, 2, 1)), [G_PAD, D])
+            return tl.reshape(tl.permute(both, (2, 0, 1)), [D, G_PAD])
     else:
         cols = _perm(tl.arange(0, D), D, BITS)
         v = _load(codes, scale, minimum, tok[:, None], cols[None, :], ok[:, None], D, BITS, CHANNEL, GROUP)
-        return tl.dot(p.to(dtype), v.to(dtype), input_precision=DOT)
+        return tl.dot(tl.trans(v.to(dtype)), tl.trans(p.to(dtype)), input_precision=DOT)
 
 
 @triton.jit
@@ -380,13 +382,14 @@ def _window_tile(W, FRESH, bh, posn, cpos, exact, cols, F: tl.constexpr, D: tl.c
 
 
 @triton.jit
-def _online(s, m_i, l_i, acc):
-    """One flash-attention step: scores s [G, N] (-inf where masked) -> (p, alpha, m, l, acc)."""
+def _online(s, m_i, l_i):
+    """One flash-attention step: scores s [G, N] (-inf where masked) -> (p, m, l, and alpha [G],
+    the factor that rescales the accumulator)."""
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp(m_i - m_use)
     p = tl.exp(s - m_use[:, None])
-    return p, m_new, l_i * alpha + tl.sum(p, axis=1), acc * alpha[:, None]
+    return p, m_new, l_i * alpha + tl.sum(p, axis=1), alpha
 
 
 @triton.jit
@@ -442,6 +445,7 @@ def _decode_kernel(
         q_head = Q + bh * G * D
         q_rows = q_head + g[:, None] * D
         sinks = tl.load(START + b).to(tl.int32) if NSINK > 0 else 0  # the row's first sink
+        acc_t = tl.zeros([D, G_PAD], tl.float32)  # transposed, as `_values` returns it
         for t0 in range(start, end, BLOCK_T):
             tok = t0 + tl.arange(0, BLOCK_T)
             inside = tok < end
@@ -478,24 +482,27 @@ def _decode_kernel(
             s = s * sm_scale + bias[None, :]
             if STORE_LOGITS:  # -inf where masked (H2O's empty slots)
                 tl.store(LOGITS + (bh * G + g[:, None]) * T + tok[None, :], s, mask=gm[:, None] & inside[None, :])
-            p, m_i, l_i, acc = _online(s, m_i, l_i, acc)
+            p, m_i, l_i, alpha = _online(s, m_i, l_i)
+            acc_t = acc_t * alpha[None, :]
             if not POSITIONAL:  # the stored values' share: the window's tokens are read below
                 pw = p
                 p = tl.where(exact[None, :], 0.0, p)
-            acc += _values(p, vc, vs, vm, tok, t0, ok, D, V_BITS, V_CHANNEL, V_GROUP, V_W, BLOCK_T, G_PAD, DOT, q.dtype)
-            if V_RANK > 0:  # (p · A) · Bᵀ
+            acc_t += _values(p, vc, vs, vm, tok, t0, ok, D, V_BITS, V_CHANNEL, V_GROUP, V_W, BLOCK_T, G_PAD, DOT,
+                             q.dtype)
+            if V_RANK > 0:  # B · (p · A)ᵀ
                 r = tl.arange(0, V_RPAD)
                 bv = tl.load(VB + ((bh * nchunks + chunk) * D + vperm[:, None]) * V_RANK + r[None, :],
                              mask=r[None, :] < V_RANK, other=0.0)
                 av = tl.load(VA + (bh * T + tok[:, None]) * V_RANK + r[None, :],
                              mask=inside[:, None] & (r[None, :] < V_RANK), other=0.0)
-                pa = tl.dot(p.to(q.dtype), av.to(q.dtype), input_precision=DOT)
-                acc = tl.dot(pa.to(q.dtype), tl.trans(bv.to(q.dtype)), acc, input_precision=DOT)
+                pa = tl.dot(tl.trans(av.to(q.dtype)), tl.trans(p.to(q.dtype)), input_precision=DOT)
+                acc_t = tl.dot(bv.to(q.dtype), pa.to(q.dtype), acc_t, input_precision=DOT)
             if not POSITIONAL:
                 if windowed:
                     vw = _window_tile(WV, FV, bh, posn, cpos, exact, vperm, F, D, WINDOW)
                     pe = tl.where(exact[None, :], pw, 0.0)
-                    acc += tl.dot(pe.to(q.dtype), vw.to(q.dtype), input_precision=DOT)
+                    acc_t += tl.dot(tl.trans(vw.to(q.dtype)), tl.trans(pe.to(q.dtype)), input_precision=DOT)
+        acc = tl.trans(acc_t)
     else:  # the full-precision tokens of a positional cache: sinks, then the window being filled
         i = tl.arange(0, BLOCK_F)
         first = cpos // C * C  # position of the window's first token
@@ -508,9 +515,9 @@ def _decode_kernel(
                 rows = (bh * NSINK + f0 + i)[:, None] * D + d[None, :]
                 k = tl.load(SK + rows, mask=ok[:, None], other=0.0)
                 s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT) * sm_scale + bias[None, :]
-                p, m_i, l_i, acc = _online(s, m_i, l_i, acc)
+                p, m_i, l_i, alpha = _online(s, m_i, l_i)
                 v = tl.load(SV + rows, mask=ok[:, None], other=0.0)
-                acc += tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT)
+                acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT)
         for f0 in range(0, F, BLOCK_F):
             posn = first + f0 + i
             ok = (f0 + i < F) & (posn <= cpos)
@@ -521,7 +528,8 @@ def _decode_kernel(
             k = tl.load(WK + rows, mask=ok[:, None], other=0.0).to(tl.float32)
             k = tl.where(newest, tl.load(FK + bh * D + d).to(tl.float32)[None, :], k)
             s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT) * sm_scale + bias[None, :]
-            p, m_i, l_i, acc = _online(s, m_i, l_i, acc)
+            p, m_i, l_i, alpha = _online(s, m_i, l_i)
+            acc = acc * alpha[:, None]
             v = tl.load(WV + rows, mask=ok[:, None], other=0.0).to(tl.float32)
             v = tl.where(newest, tl.load(FV + bh * D + d).to(tl.float32)[None, :], v)
             acc += tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT)
