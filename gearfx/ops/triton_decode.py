@@ -269,9 +269,10 @@ def _values(p, codes, scale, minimum, tok, t0, ok, D: tl.constexpr, BITS: tl.con
             DOT: tl.constexpr, dtype: tl.constexpr):
     """(p [G_PAD, BLOCK_T] · the stored values of tokens tok)ᵀ: [D, G_PAD] fp32, rows in `_perm`
     order. W: bytes of a row read per dot (a per-token scale group); the fast path takes one or two
-    such blocks a row, else the values are gathered code by code. Transposed, the value tile is the
-    dot's first operand, which Triton feeds from shared memory without the register moves its
-    second operand needed (one in ten of the loop's instructions)."""
+    such blocks a row, else the values are gathered code by code. Transposed, the dot has head_dim
+    rows, which on Hopper makes it a warpgroup MMA fed from shared memory: as the second operand
+    of an mma.sync, the value tile cost register moves before every MMA (one in ten of the loop's
+    instructions)."""
     N: tl.constexpr = D * BITS // 8
     if _fast(BITS, CHANNEL, GROUP, BLOCK_T) and N // W <= 2:
         if N // W == 1:
