@@ -33,6 +33,7 @@ from triton.compiler import ASTSource
 import gearfx
 from gearfx.compress.layout import allocate, cache_layout
 from gearfx.ops import triton_decode
+from gearfx.recipes import Recipe
 
 import gpu_decode  # this script's folder is on the path
 
@@ -42,11 +43,11 @@ POINTER = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp3
 TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
-def compile_decode(recipe_name: str, batch: int, q_heads: int, kv_heads: int, head_dim: int, context: int,
+def compile_decode(recipe: str | Recipe, batch: int, q_heads: int, kv_heads: int, head_dim: int, context: int,
                    dtype: torch.dtype = torch.float16, arch: int = 90, sms: int = 132):
     """The decode kernel of one decode step at this shape, compiled for sm_<arch>: (its launch,
     the compiled kernel). Tensors stay on the CPU: only their dtypes and the constants matter."""
-    recipe = gearfx.load_recipe(recipe_name)
+    recipe = gearfx.load_recipe(recipe) if isinstance(recipe, str) else recipe
     state = allocate(cache_layout(recipe, batch, kv_heads, head_dim, context, dtype))
     q = torch.zeros(batch, q_heads, 1, head_dim, dtype=dtype)
     fresh = torch.zeros(batch, kv_heads, 1, head_dim, dtype=dtype)

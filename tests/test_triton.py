@@ -86,12 +86,15 @@ def test_decode_matches_reference(case, groups, mask_kind):
     _compare(CASES[case], groups, mask_kind, torch.float32, 1e-4)
 
 
-@pytest.mark.parametrize("case", ["gear-4bit", "h2o-4bit", "k4t-v4c"])
-def test_decode_matches_reference_in_half_precision(case):
+@pytest.mark.parametrize("case, tol", [("gear-4bit", 2e-3), ("h2o-4bit", 2e-3), ("k4t-v4c", 8e-3)])
+def test_decode_matches_reference_in_half_precision(case, tol):
     """fp16 dots: the codes become fp16 pairs by bit arithmetic (`triton_decode._code_tile`) and
     are dequantized by fp16 FMAs (keys per channel, values per token) or scale the fp32 dot (keys
-    per token, values per channel), so outputs agree to fp16 rounding."""
-    _compare(CASES[case], 2, "bool", torch.float16, 2e-3)
+    per token, values per channel), so outputs agree to fp16 rounding. k4t-v4c's keys come in
+    8-channel scale groups, too narrow for a GPU dot: they are gathered and dequantized to fp16
+    before the dot, a rounding of the codes' reconstruction where the reference rounds the
+    reconstruction plus outliers (token 7's keys are 30x the others: 1.5e-3 of the output)."""
+    _compare(CASES[case], 2, "bool", torch.float16, tol)
 
 
 def _compare(recipe, groups, mask_kind, dtype, tol):
@@ -150,8 +153,9 @@ def test_splits_agree(case):
 def test_kernel_compiles_for_hopper_without_spills(tmp_path):
     """The kernel as a decode step launches it at issue 5's shapes, compiled for sm_90 with the
     ptxas in Triton's wheel (bench/gpu_sass.py, outside the interpreter): registers suffice (the
-    one-hot outlier products it had spilled 976 bytes a thread for gear-2bit), and gear-4bit's main
-    loop stays near the 23 instructions a cached token it was cut to from 61."""
+    one-hot outlier products it had spilled 976 bytes a thread for gear-2bit), and the main loops
+    stay near the instructions a cached token they were cut to (gear-4bit 61 -> 23 -> 17.3,
+    gear-2bit 130 -> 35 -> 26.3)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "sass.json"
     subprocess.run([sys.executable, "bench/gpu_sass.py", "--recipes", "gear-4bit,gear-2bit,gear-4bit-h2o",
@@ -159,4 +163,27 @@ def test_kernel_compiles_for_hopper_without_spills(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == 6
     assert all(r["spill_bytes"] == 0 for r in rows), rows
-    assert all(r["per_token"] < 30 for r in rows if r["recipe"] == "gear-4bit"), rows
+    assert all(r["per_token"] < 21 for r in rows if r["recipe"] == "gear-4bit"), rows
+    assert all(r["per_token"] < 30 for r in rows if r["recipe"] == "gear-2bit"), rows
+
+
+def test_every_case_compiles_for_the_gpu():
+    """The interpreter runs shapes the GPU compiler rejects (a dot must reduce over 16 or more):
+    every case above at its head_dim 32, and every shipped recipe the kernel serves at SmolLM2's
+    shape (head_dim 64), compiled for sm_90 outside the interpreter."""
+    code = (
+        "import gearfx, gpu_sass\n"
+        "from gearfx.ops import triton_decode\n"
+        "from tests.test_triton import CASES\n"
+        "for r in CASES.values():\n"
+        "    gpu_sass.compile_decode(r, 2, 4, 2, 32, 5 * (r.window if r.h2o is None else 64))\n"
+        "for name in gearfx.list_recipes():\n"
+        "    r = gearfx.load_recipe(name)\n"
+        "    if (r.compresses or r.h2o) and triton_decode.supports(r, 64):\n"
+        "        gpu_sass.compile_decode(r, 1, 9, 3, 64, 1024)\n"
+    )
+    root = Path(__file__).parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(root / "bench"), str(root)])
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]

@@ -157,11 +157,12 @@ def _code_tile(raw, j, BITS: tl.constexpr, dtype: tl.constexpr):
 
 
 @triton.constexpr_function
-def _fast(BITS, CHANNEL, GROUP, BLOCK_T):
+def _fast(BITS, CHANNEL, GROUP, BLOCK_T, W):
     """Whether a store is read by whole bytes, a dot per code position of a byte (`_scores`,
-    `_values`): 2, 4 and 8 bits, and a tile's tokens sharing one scale row when scales are per
-    channel."""
-    return (BITS == 2 or BITS == 4 or BITS == 8) and (not CHANNEL or BLOCK_T <= GROUP)
+    `_values`): 2, 4 and 8 bits, a tile's tokens sharing one scale row when scales are per
+    channel, and pieces of W >= 16 channels (a GPU dot reduces over 16 at least; the Triton
+    interpreter does not check, the compiler does: `tests/test_triton.py` compiles every case)."""
+    return (BITS == 2 or BITS == 4 or BITS == 8) and (not CHANNEL or BLOCK_T <= GROUP) and W >= 16
 
 
 @triton.jit
@@ -206,7 +207,7 @@ def _scores(q_rows, codes, scale, minimum, tok, t0, ok, gm, D: tl.constexpr, BIT
             G_PAD: tl.constexpr, DOT: tl.constexpr):
     """Queries q_rows [G_PAD, 1] (row pointers) · the stored keys of tokens tok = t0 + [0,
     BLOCK_T)ᵀ: [G_PAD, BLOCK_T] fp32. W: bytes of a row read per dot (a per-token scale group)."""
-    if _fast(BITS, CHANNEL, GROUP, BLOCK_T):
+    if _fast(BITS, CHANNEL, GROUP, BLOCK_T, W):
         N: tl.constexpr = D * BITS // 8
         s = tl.zeros([G_PAD, BLOCK_T], tl.float32)
         for cb in tl.static_range(N // W):
@@ -274,7 +275,7 @@ def _values(p, codes, scale, minimum, tok, t0, ok, D: tl.constexpr, BITS: tl.con
     of an mma.sync, the value tile cost register moves before every MMA (one in ten of the loop's
     instructions)."""
     N: tl.constexpr = D * BITS // 8
-    if _fast(BITS, CHANNEL, GROUP, BLOCK_T) and N // W <= 2:
+    if _fast(BITS, CHANNEL, GROUP, BLOCK_T, W) and N // W <= 2:
         if N // W == 1:
             return _value_block(p, codes, scale, minimum, tok, t0, ok, 0, D, BITS, CHANNEL, GROUP, W, G_PAD, DOT, dtype)
         else:  # [block 0, block 1] along rows
