@@ -170,7 +170,9 @@ def test_kernel_compiles_for_hopper_without_spills(tmp_path):
 def test_every_case_compiles_for_the_gpu():
     """The interpreter runs shapes the GPU compiler rejects (a dot must reduce over 16 or more):
     every case above at its head_dim 32, and every shipped recipe the kernel serves at SmolLM2's
-    shape (head_dim 64), compiled for sm_90 outside the interpreter."""
+    shape (head_dim 64) and at Llama's (128), compiled for sm_90 outside the interpreter. At 128,
+    a program's shared memory must leave room for a second on an SM (228 KB on Hopper): pipelined
+    loads beyond that halve the programs that hide a decode step's memory latency."""
     code = (
         "import gearfx, gpu_sass\n"
         "from gearfx.ops import triton_decode\n"
@@ -181,6 +183,8 @@ def test_every_case_compiles_for_the_gpu():
         "    r = gearfx.load_recipe(name)\n"
         "    if (r.compresses or r.h2o) and triton_decode.supports(r, 64):\n"
         "        gpu_sass.compile_decode(r, 1, 9, 3, 64, 1024)\n"
+        "        _, kernel = gpu_sass.compile_decode(r, 8, 32, 8, 128, 8192)\n"
+        "        assert kernel.metadata.shared <= 228 * 1024 // 2 - 1024, (name, kernel.metadata.shared)\n"
     )
     root = Path(__file__).parents[1]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
