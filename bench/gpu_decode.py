@@ -5,8 +5,10 @@
 For each shape and recipe: the Triton kernel's time (`triton_decode.attention`, one layer, every
 chunk but the window compressed), fp16 SDPA's time over an uncompressed cache of the same length,
 the byte floor (every state byte the kernel reads, at the copy bandwidth measured in the same run),
-and the cost of closing a chunk (compressing a full window, compiled) amortised over its tokens as
-a fraction of the decode step. Before timing, the kernel is checked against the reference op.
+and the cost of closing a chunk (compressing a full window, eagerly, as the kernel's decode step
+does) amortised over its tokens as a fraction of the decode step. Before timing, the kernel is
+checked against the reference op. The JSON is rewritten after every row, so a run cut short by
+a lent machine's time limit still reports what it measured.
 """
 
 from __future__ import annotations
@@ -131,6 +133,14 @@ def main() -> None:
     bandwidth = _bandwidth()
     print(f"{meta}  copy bandwidth {bandwidth / 1e12:.2f} TB/s")
     rows = []
+
+    def save() -> None:
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(dict(meta=meta, bandwidth_bytes_per_s=bandwidth, check_max_abs_error=errors, rows=rows),
+                          f, indent=1)
+
+    save()
     for shape in SHAPES:
         for recipe in recipes:
             print(f"{time.perf_counter() - start:.0f} s: {shape[0]} {recipe}", flush=True)
@@ -140,9 +150,7 @@ def main() -> None:
                   f"x{row['speedup']:.2f}  floor {row['byte_floor_ms']:.3f} ms ({row['vs_floor']:.2f}x)  "
                   f"bytes {row['bytes_ratio']:.3f}" + (f"  close {row['close_amortised_pct']:.1f}%" if 'close_ms' in row else ""),
                   flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(meta=meta, bandwidth_bytes_per_s=bandwidth, check_max_abs_error=errors, rows=rows), f, indent=1)
+            save()
 
 
 if __name__ == "__main__":
