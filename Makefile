@@ -15,7 +15,7 @@ demo: $(STAMP)
 # them: it mostly waits on one core, and the workers leave a core idle while the last file finishes
 # (on a 2-core AMD EPYC, one after the other: 4.7 + 14.8 min).
 test: $(STAMP) export-env
-	OMP_NUM_THREADS=1 $(EXPORT_PY) -m pytest -q -p no:logging tests/test_executorch.py > $(EXPORT_VENV)/test.log 2>&1 & \
+	OMP_NUM_THREADS=1 $(EXPORT_TESTS) > $(EXPORT_VENV)/test.log 2>&1 & \
 	job=$$!; \
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile --durations=10 --ignore=tests/test_executorch.py; \
 	unit=$$?; wait $$job; executorch=$$?; \
@@ -61,11 +61,12 @@ $(STAMP): pyproject.toml constraints.txt
 EXPORT_VENV := .venv-export
 EXPORT_PY := $(EXPORT_VENV)/bin/python
 EXPORT_STAMP := $(EXPORT_VENV)/.installed-$(shell cat pyproject.toml constraints-export.txt | cksum | cut -d' ' -f1)
+EXPORT_TESTS := $(EXPORT_PY) -m pytest -q -p no:logging tests/test_executorch.py
 
 export-env: $(EXPORT_STAMP)
 
 test-export: $(EXPORT_STAMP)
-	$(EXPORT_PY) -m pytest -q -p no:logging tests/test_executorch.py
+	$(EXPORT_TESTS)
 
 $(EXPORT_STAMP): pyproject.toml constraints-export.txt
 	test -x $(EXPORT_PY) || python3 -m venv $(EXPORT_VENV)
