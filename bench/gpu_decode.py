@@ -7,8 +7,11 @@ chunk but the window compressed), fp16 SDPA's time over an uncompressed cache of
 the byte floor (every state byte the kernel reads, at the copy bandwidth measured in the same run),
 and the cost of closing a chunk (compressing a full window, eagerly, as the kernel's decode step
 does) amortised over its tokens as a fraction of the decode step. Before timing, the kernel is
-checked against the reference op. The JSON is rewritten after every row, so a run cut short by
-a lent machine's time limit still reports what it measured.
+checked against the reference op. Last, where its time goes: at the first shape, the decode kernel
+alone (not the merge of its splits) is timed again with each correction it applies switched off
+(key/value outliers, key/value factors), so that a GPU says what each costs where bench/gpu_sass.py
+can only count instructions. The JSON is rewritten after every row, so a run cut short by a lent
+machine's time limit still reports what it measured.
 """
 
 from __future__ import annotations
@@ -33,6 +36,20 @@ SHAPES = [  # (label, batch, query heads, KV heads, head_dim, context)
     ("B=8 H=32 D=128 4k", 8, 32, 32, 128, 4096),
 ]
 RECIPES = ["gear-4bit", "gear-2bit", "kivi-4bit", "kivi-2bit", "gear-4bit-h2o"]
+# each correction of the decode kernel and the constants that switch it off (its output is then
+# wrong: for timing only); value outliers are added from the logits the loop stores for them
+TERMS = {
+    "key outliers": dict(K_OUT=0),
+    "value outliers": dict(V_OUT=0, STORE_LOGITS=False),
+    "key factors": dict(K_RANK=0),
+    "value factors": dict(V_RANK=0),
+}
+
+
+def terms(constants: dict) -> dict:
+    """The TERMS a launch with these constants applies (its first constant is the term's count of
+    outliers or rank)."""
+    return {term: off for term, off in TERMS.items() if constants[next(iter(off))]}
 
 
 def _time(fn) -> float:
@@ -64,44 +81,51 @@ def _fill(state: dict[str, torch.Tensor], head_dim: int, gen: torch.Generator) -
             t.copy_(torch.rand(t.shape, generator=gen, device=t.device, dtype=torch.float32).to(t.dtype) * 0.1)
 
 
-def check(recipe_name: str, dtype: torch.dtype) -> float:
-    """Max |kernel - reference| over a few decode steps on a small case (after a prefill). bf16 is
-    checked here only: the Triton interpreter that runs the kernel in CI has no bf16 arithmetic."""
+def check(recipe_name: str, dtype: torch.dtype, device: str = "cuda", b: int = 2, h: int = 4, groups: int = 4,
+          d: int = 128, capacity: int = 512, prompt: int = 300, steps: int = 24) -> float:
+    """Max |kernel - reference| over `steps` decode steps after a `prompt`-token prefill (b rows, h
+    KV heads of `groups` query heads, head_dim d; by default the steps cross a chunk close, at 319
+    for window 64). bf16 is checked here only: the Triton interpreter that runs the kernel in CI
+    has no bf16 arithmetic."""
     recipe = gearfx.load_recipe(recipe_name)
-    g = torch.Generator(device="cuda").manual_seed(0)
-    b, h, groups, d, capacity, prompt = 2, 4, 4, 128, 512, 300
-    state = allocate(cache_layout(recipe, b, h, d, capacity, dtype), "cuda")
-    rnd = lambda *s: torch.randn(*s, generator=g, device="cuda", dtype=dtype)  # noqa: E731
+    g = torch.Generator(device=device).manual_seed(0)
+    state = allocate(cache_layout(recipe, b, h, d, capacity, dtype), device)
+    rnd = lambda *s: torch.randn(*s, generator=g, device=device, dtype=dtype)  # noqa: E731
     keys = rnd(b, h, prompt, d)
     keys[..., 7] = keys[..., 7] * 8 + 4
-    reference.attend(rnd(b, h * groups, prompt, d), keys, rnd(b, h, prompt, d), torch.arange(prompt, device="cuda"),
+    reference.attend(rnd(b, h * groups, prompt, d), keys, rnd(b, h, prompt, d), torch.arange(prompt, device=device),
                      None, d ** -0.5, recipe, capacity, state)
     mine = {n: t.clone() for n, t in state.items()}
     worst = 0.0
-    for position in range(prompt, prompt + 24):  # crosses a chunk close (at 319 for window 64)
+    for position in range(prompt, prompt + steps):
         q, k, v = rnd(b, h * groups, 1, d), rnd(b, h, 1, d), rnd(b, h, 1, d)
-        cache_position = torch.tensor([position], device="cuda")
+        cache_position = torch.tensor([position], device=device)
         want = reference.attend(q, k, v, cache_position, None, d ** -0.5, recipe, capacity, state)
         got = triton_decode.decode(q, k, v, cache_position, None, d ** -0.5, recipe, capacity, mine)
         worst = max(worst, (got.float() - want.float()).abs().max().item())
     return worst
 
 
-def bench(label, b, hq, h, d, ctx, recipe_name, bandwidth) -> dict:
+def _cache(b, hq, h, d, ctx, recipe, device):
+    """A decode step's inputs at this shape: q, this step's k and v, and a full state of random
+    contents (`_fill`) with every chunk but the window compressed, at the last position."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(b, hq, 1, d, device=device, dtype=torch.float16)
+    k1, v1 = torch.randn(2, b, h, 1, d, device=device, dtype=torch.float16)
+    state = allocate(cache_layout(recipe, b, h, d, ctx, torch.float16), device)
+    _fill(state, d, gen)
+    return q, k1, v1, state, torch.tensor([ctx - 1], device=device)
+
+
+def bench(label, b, hq, h, d, ctx, recipe_name, bandwidth, device="cuda") -> dict:
     recipe = gearfx.load_recipe(recipe_name)
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    capacity = ctx
-    q = torch.randn(b, hq, 1, d, device="cuda", dtype=torch.float16)
-    k1, v1 = torch.randn(2, b, h, 1, d, device="cuda", dtype=torch.float16)
-    kc = torch.randn(b, h, ctx, d, device="cuda", dtype=torch.float16)
+    q, k1, v1, state, cache_position = _cache(b, hq, h, d, ctx, recipe, device)
+    kc = torch.randn(b, h, ctx, d, device=device, dtype=torch.float16)
     vc = torch.randn_like(kc)
     sdpa = _time(lambda: F.scaled_dot_product_attention(q, kc, vc, enable_gqa=hq != h))
     fp16_bytes = 2 * kc.numel() * 2
     del kc, vc
-    state = allocate(cache_layout(recipe, b, h, d, capacity, torch.float16), "cuda")
-    _fill(state, d, gen)
-    cache_position = torch.tensor([ctx - 1], device="cuda")
-    run = lambda: triton_decode.attention(q, state, recipe, capacity, cache_position, None, d ** -0.5, k1, v1)  # noqa: E731
+    run = lambda: triton_decode.attention(q, state, recipe, ctx, cache_position, None, d ** -0.5, k1, v1)  # noqa: E731
     kernel = _time(run)
     state_bytes = sum(t.numel() * t.element_size() for t in state.values())
     floor = state_bytes / bandwidth * 1e3
@@ -114,8 +138,32 @@ def bench(label, b, hq, h, d, ctx, recipe_name, bandwidth) -> dict:
         close_ms = _time(close)
         row.update(close_ms=close_ms, close_amortised_pct=100 * close_ms / recipe.window / kernel)
     del state
-    torch.cuda.empty_cache()
+    _empty_cache(device)
     return row
+
+
+def ablation(label, b, hq, h, d, ctx, recipe_name, device="cuda") -> dict:
+    """The decode kernel alone (its splits, without their merge) and, for each correction in TERMS
+    the recipe has, the same launch with that correction switched off: milliseconds each."""
+    recipe = gearfx.load_recipe(recipe_name)
+    q, k1, v1, state, cache_position = _cache(b, hq, h, d, ctx, recipe, device)
+    run = triton_decode.launch(q, state, recipe, ctx, cache_position, None, d ** -0.5, k1, v1)
+
+    def kernel(**off) -> float:
+        constants = {**run.constants, **off}
+        return _time(lambda: triton_decode._decode_kernel[run.grid](*run.args, **constants))
+
+    row = dict(shape=label, recipe=recipe_name, kernel_only_ms=kernel())
+    for term, off in terms(run.constants).items():
+        row[f"without {term} ms"] = kernel(**off)
+    del state
+    _empty_cache(device)
+    return row
+
+
+def _empty_cache(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def main() -> None:
@@ -132,13 +180,13 @@ def main() -> None:
     print("max |kernel - reference| (24 decode steps):", errors, flush=True)
     bandwidth = _bandwidth()
     print(f"{meta}  copy bandwidth {bandwidth / 1e12:.2f} TB/s")
-    rows = []
+    rows, terms = [], []
 
     def save() -> None:
         if args.json:
             with open(args.json, "w") as f:
-                json.dump(dict(meta=meta, bandwidth_bytes_per_s=bandwidth, check_max_abs_error=errors, rows=rows),
-                          f, indent=1)
+                json.dump(dict(meta=meta, bandwidth_bytes_per_s=bandwidth, check_max_abs_error=errors, rows=rows,
+                               terms=terms), f, indent=1)
 
     save()
     for shape in SHAPES:
@@ -150,6 +198,13 @@ def main() -> None:
                   f"x{row['speedup']:.2f}  floor {row['byte_floor_ms']:.3f} ms ({row['vs_floor']:.2f}x)  "
                   f"bytes {row['bytes_ratio']:.3f}" + (f"  close {row['close_amortised_pct']:.1f}%" if 'close_ms' in row else ""),
                   flush=True)
+            save()
+    for recipe in recipes:
+        if recipe.startswith("gear"):
+            print(f"{time.perf_counter() - start:.0f} s: where {recipe}'s time goes", flush=True)
+            row = ablation(*SHAPES[0], recipe)
+            terms.append(row)
+            print("  " + "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else str(v) for k, v in row.items()), flush=True)
             save()
 
 

@@ -43,10 +43,10 @@ POINTER = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp3
 TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
-def compile_decode(recipe: str | Recipe, batch: int, q_heads: int, kv_heads: int, head_dim: int, context: int,
-                   dtype: torch.dtype = torch.float16, arch: int = 90, sms: int = 132):
-    """The decode kernel of one decode step at this shape, compiled for sm_<arch>: (its launch,
-    the compiled kernel). Tensors stay on the CPU: only their dtypes and the constants matter."""
+def decode_launch(recipe: str | Recipe, batch: int, q_heads: int, kv_heads: int, head_dim: int, context: int,
+                  dtype: torch.dtype = torch.float16, sms: int = 132) -> triton_decode.Launch:
+    """The decode kernel's launch of one decode step at this shape, on a GPU of `sms` SMs, with
+    the tensors on the CPU: compiling it needs only their dtypes and the constants."""
     recipe = gearfx.load_recipe(recipe) if isinstance(recipe, str) else recipe
     state = allocate(cache_layout(recipe, batch, kv_heads, head_dim, context, dtype))
     q = torch.zeros(batch, q_heads, 1, head_dim, dtype=dtype)
@@ -54,8 +54,16 @@ def compile_decode(recipe: str | Recipe, batch: int, q_heads: int, kv_heads: int
     mask = torch.ones(1, 1, 1, context, dtype=torch.bool)
     tokens = context  # the cache's slots, all compressed but the window
     splits = min(triton.cdiv(tokens, 256), max(triton.cdiv(tokens, 1024), triton.cdiv(4 * sms, batch * kv_heads)))
-    run = triton_decode.launch(q, state, recipe, context, torch.tensor([context - 1]), mask, head_dim ** -0.5,
-                               fresh, fresh, splits)
+    return triton_decode.launch(q, state, recipe, context, torch.tensor([context - 1]), mask, head_dim ** -0.5,
+                                fresh, fresh, splits)
+
+
+def compile_decode(recipe: str | Recipe, batch: int, q_heads: int, kv_heads: int, head_dim: int, context: int,
+                   dtype: torch.dtype = torch.float16, arch: int = 90, sms: int = 132, off: dict | None = None):
+    """`decode_launch`'s kernel compiled for sm_<arch>: (the launch, the compiled kernel). off:
+    constants that switch a correction off (`gpu_decode.TERMS`)."""
+    run = decode_launch(recipe, batch, q_heads, kv_heads, head_dim, context, dtype, sms)
+    run = run._replace(constants={**run.constants, **(off or {})})
     fn = triton_decode._decode_kernel
     signature, attrs = {}, {}
     for i, (name, arg) in enumerate(zip(fn.arg_names, run.args)):
@@ -94,9 +102,9 @@ def loops(sass: str) -> list[int]:
     return sorted(sizes, reverse=True)
 
 
-def measure(recipe_name: str, shape: tuple, dtype: torch.dtype, arch: int) -> dict:
+def measure(recipe_name: str, shape: tuple, dtype: torch.dtype, arch: int, off: dict | None = None) -> dict:
     label, *dims = shape
-    run, kernel = compile_decode(recipe_name, *dims, dtype=dtype, arch=arch)
+    run, kernel = compile_decode(recipe_name, *dims, dtype=dtype, arch=arch, off=off)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
         f.flush()
@@ -116,9 +124,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--arch", type=int, default=90)
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     parser.add_argument("--recipes", default=",".join(gpu_decode.RECIPES))
+    parser.add_argument("--terms", action="store_true",
+                        help="also count, at the first shape, each gear recipe's loop without each of its "
+                             "corrections (gpu_decode.py times the same on a GPU)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
-    rows = []
+    rows, terms = [], []
     for shape in SHAPES:
         for recipe in args.recipes.split(","):
             row = measure(recipe, shape, getattr(torch, args.dtype), args.arch)
@@ -126,9 +137,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print(f"{row['shape']:<24} {recipe:<14} block {row['block']:>2}  {row['registers']:>3} registers  "
                   f"spills {row['spill_bytes']:>4} B  loop {row['loop_instructions']:>5} instructions "
                   f"({row['per_token']:.1f} a token)  other loops {row['inner_loops']}", flush=True)
+    dtype = getattr(torch, args.dtype)
+    for recipe in args.recipes.split(",") if args.terms else []:
+        if not recipe.startswith("gear"):
+            continue
+        full = next(r for r in rows if r["recipe"] == recipe and r["shape"] == SHAPES[0][0])
+        row = dict(shape=full["shape"], recipe=recipe, per_token=full["per_token"])
+        for term, off in gpu_decode.terms(decode_launch(recipe, *SHAPES[0][1:], dtype=dtype).constants).items():
+            row[f"without {term}"] = measure(recipe, SHAPES[0], dtype, args.arch, off)["per_token"]
+        terms.append(row)
+        print("  ".join(f"{k} {v:.1f}" if isinstance(v, float) else str(v) for k, v in row.items()), flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(triton=triton.__version__, rows=rows), f, indent=1)
+            json.dump(dict(triton=triton.__version__, rows=rows, terms=terms), f, indent=1)
     return rows
 
 

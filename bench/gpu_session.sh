@@ -11,8 +11,9 @@ if ! python -c "import torchao" 2>/dev/null; then
     pip install -q --no-index --no-deps --target /tmp/site .whl/torchao-*.whl || exit 1
 fi
 export PYTHONPATH=/tmp/site:$PWD
-# the kernel against fp16 SDPA first (issue 5's first three rows; never timed end to end on the
-# lent machine, so cut at 220 s), then end to end in what is left of the command's 10 minutes
+# the kernel against fp16 SDPA first (issue 5's first three rows, then what each correction
+# costs; never timed on the lent machine, so cut at 220 s), then end to end in what is left of
+# the command's 10 minutes
 timeout 220 python bench/gpu_decode.py --json "$out/gpu_decode.json"
 echo "gpu_decode.py: exit $?"
 timeout 340 python bench/gpu_e2e.py --json "$out/gpu_e2e.json" --budget-s 290
