@@ -1,8 +1,10 @@
 import dataclasses
 
 import pytest
+import torch
 import yaml
 
+from gearfx.compress.layout import cache_layout
 from gearfx.recipes import H2O, Recipe, RecipeError, TensorSpec, list_recipes, load_recipe, parse_recipe
 
 SHIPPED = {"fp16", "kivi-4bit", "kivi-2bit", "gear-paper-4bit", "gear-paper-2bit", "h2o", "gear-4bit", "gear-2bit",
@@ -60,10 +62,6 @@ def test_h2o_budget_in_tokens_and_fractions():
 def test_an_h2o_window_must_fit_in_the_recent_tokens():
     """The window's tokens are attended from full precision in place of their slots, so each must
     still hold one: a window longer than the recent tokens is an error at the capacity that makes it so."""
-    import torch
-
-    from gearfx.compress.layout import cache_layout
-
     data = {"name": "w", "window": 32, "key": {"bits": 4, "axis": "token"}, "value": {"bits": 4, "axis": "token"},
             "h2o": {"heavy": 0.25, "recent": 0.25}}
     assert "window.key" in cache_layout(parse_recipe(data), 1, 2, 64, 128, torch.float32)  # 32 recent
@@ -127,6 +125,12 @@ def test_check_model_shapes():
     r = parse_recipe({"name": "r", "layers": {5: {"loops": 2}}})
     with pytest.raises(RecipeError, match="layers.5 .* allowed: 0..1"):
         r.check_model(head_dim=64, num_layers=2)
+
+
+def test_a_layout_for_a_head_dim_the_recipe_cannot_store_is_an_error():
+    # its value scales would be [.., 0] a token and the kernels would read past them
+    with pytest.raises(RecipeError, match="value.group=64 channels does not divide head_dim=32"):
+        cache_layout(load_recipe("gear-4bit"), 1, 2, 32, 256, torch.float16)
 
 
 def test_layer_ranges_override_each_layer_in_them():

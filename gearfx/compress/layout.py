@@ -88,6 +88,7 @@ def cache_layout(
     recipe: Recipe, batch: int, heads: int, head_dim: int, capacity: int, dtype: torch.dtype
 ) -> dict[str, Meta]:
     """All state tensors of one layer's cache (see the module docstring), by name."""
+    recipe.check_head_dim(head_dim)
     lead = (batch, heads)
     dtype = kept_dtype(recipe, dtype)
     if not recipe.compresses and recipe.h2o is None:

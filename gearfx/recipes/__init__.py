@@ -146,11 +146,6 @@ class Recipe:
 
     def check_model(self, head_dim: int, num_layers: int) -> None:
         """Raise RecipeError if this recipe cannot apply to a model of this shape."""
-        if self.rotate and (head_dim < 1 or head_dim & (head_dim - 1)):
-            raise RecipeError(
-                f"recipe {self.name!r}: rotate=true needs a power-of-2 head_dim (Hadamard), the "
-                f"model's is {head_dim}; allowed: rotate=false for this model"
-            )
         for index, _ in self.layers:
             if index >= num_layers:
                 raise RecipeError(
@@ -158,24 +153,35 @@ class Recipe:
                     f"have; allowed: 0..{num_layers - 1}"
                 )
         for r in [self] + [r for _, r in self.layers]:
-            for part, spec in (("key", r.key), ("value", r.value)):
-                if spec.quantized and spec.axis == "token" and head_dim % spec.group:
-                    raise RecipeError(
-                        f"recipe {self.name!r}: {part}.group={spec.group} channels does not divide "
-                        f"head_dim={head_dim}; allowed: a divisor of {head_dim}"
-                    )
-                if spec.quantized and head_dim * spec.bits % 8:
-                    raise RecipeError(
-                        f"recipe {self.name!r}: {part}.bits={spec.bits} cannot pack head_dim="
-                        f"{head_dim} channels into whole bytes"
-                    )
-                rank = spec.resolve_rank(r.window)
-                if rank > min(r.window, head_dim):
-                    raise RecipeError(
-                        f"recipe {self.name!r}: {part}.rank={spec.rank} (rank {rank}) exceeds "
-                        f"min(window={r.window}, head_dim={head_dim}); allowed: at most "
-                        f"{min(r.window, head_dim)}"
-                    )
+            r.check_head_dim(head_dim)
+
+    def check_head_dim(self, head_dim: int) -> None:
+        """Raise RecipeError if this recipe (not its layer overrides) cannot store heads of
+        `head_dim` channels. The cache's layout asks too: a store laid out for a head_dim the
+        recipe does not fit would have empty scale groups, and the kernels would read past it."""
+        if self.rotate and (head_dim < 1 or head_dim & (head_dim - 1)):
+            raise RecipeError(
+                f"recipe {self.name!r}: rotate=true needs a power-of-2 head_dim (Hadamard), the "
+                f"model's is {head_dim}; allowed: rotate=false for this model"
+            )
+        for part, spec in (("key", self.key), ("value", self.value)):
+            if spec.quantized and spec.axis == "token" and head_dim % spec.group:
+                raise RecipeError(
+                    f"recipe {self.name!r}: {part}.group={spec.group} channels does not divide "
+                    f"head_dim={head_dim}; allowed: a divisor of {head_dim}"
+                )
+            if spec.quantized and head_dim * spec.bits % 8:
+                raise RecipeError(
+                    f"recipe {self.name!r}: {part}.bits={spec.bits} cannot pack head_dim="
+                    f"{head_dim} channels into whole bytes"
+                )
+            rank = spec.resolve_rank(self.window)
+            if rank > min(self.window, head_dim):
+                raise RecipeError(
+                    f"recipe {self.name!r}: {part}.rank={spec.rank} (rank {rank}) exceeds "
+                    f"min(window={self.window}, head_dim={head_dim}); allowed: at most "
+                    f"{min(self.window, head_dim)}"
+                )
 
 
 def _fail(recipe: str, path: str, value: Any, allowed: str) -> RecipeError:
