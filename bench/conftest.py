@@ -114,9 +114,6 @@ def pytest_generate_tests(metafunc):
         names = [peers.REFERENCE] + [x for x in s.peers if x != peers.REFERENCE] if s.peers else []
         cases = [(c, p, m) for c in s.contexts for p in names for m in ("decode", "prefill")]
         metafunc.parametrize("peer_case", cases, ids=[f"{m}-ctx{c}-{p}" for c, p, m in cases])
-    if "attention_case" in metafunc.fixturenames:  # the baseline first: the others' ratios need it
-        chunked = [r for r in s.recipes if gearfx.load_recipe(r).compresses and gearfx.load_recipe(r).h2o is None]
-        metafunc.parametrize("attention_case", ["sdpa"] + chunked)
     if "compress_recipe" in metafunc.fixturenames:
         compressing = [r for r in s.recipes if gearfx.load_recipe(r).compresses]
         metafunc.parametrize("compress_recipe", compressing)
