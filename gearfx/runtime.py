@@ -65,7 +65,10 @@ class CompiledModel:
         self.eos_token_ids, self.pad_token_id = decoder.eos_token_ids, decoder.pad_token_id
         if compile:
             self._module = use_kernels(program).module()
-            self._step = torch.compile(self._module, dynamic=True)
+            # The module is this object's own (from the program) and never changes: dynamo's guards
+            # on its ~800 parameters and buffers cost 0.9 ms a SmolLM2 decode step, for nothing
+            self._step = torch.compile(self._module, dynamic=True,
+                                       options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
         else:
             self._module = program.module()
             self._step = self._module

@@ -217,3 +217,26 @@ def test_real_tokens_reads_each_mask_dtype():
         assert torch.equal(real_tokens(additive, torch.arange(8)), want)
     assert torch.equal(real_tokens(allowed, torch.arange(8)), want)
     assert real_tokens(None, torch.arange(8)).all()
+
+
+def test_site_kernel_recompiles_when_its_arguments_change():
+    """The compiled decode kernel keeps dynamo's guards on its arguments only (`ops._argument_guards`):
+    one site config called with another scale or batch size still matches the reference."""
+    import gearfx
+    from gearfx.compress.layout import allocate, cache_layout
+    from gearfx.ops import reference
+
+    recipe = gearfx.load_recipe("kivi-4bit")
+    h, hq, d, capacity, prompt = 2, 4, 64, 256, 140
+    g = torch.Generator().manual_seed(0)
+    rnd = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    config = gearfx.ops.SiteConfig(recipe, capacity).to_json()
+    for b, scale in ((1, 0.125), (1, 0.3), (2, 0.3)):
+        state = allocate(cache_layout(recipe, b, h, d, capacity, torch.float32))
+        reference.attend(rnd(b, hq, prompt, d), rnd(b, h, prompt, d), rnd(b, h, prompt, d), torch.arange(prompt),
+                         None, scale, recipe, capacity, state)
+        copy = {n: t.clone() for n, t in state.items()}
+        q, k, v, at = rnd(b, hq, 1, d), rnd(b, h, 1, d), rnd(b, h, 1, d), torch.tensor([prompt])
+        out = torch.ops.gearfx.attend_kernel(q, k, v, at, None, scale, config, list(state.values()))
+        want = reference.attend(q, k, v, at, None, scale, recipe, capacity, copy)
+        torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
