@@ -17,6 +17,7 @@ alone says what each site does.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import re
 from functools import lru_cache, partial
@@ -71,19 +72,18 @@ def _run(cfg: SiteConfig, attend=reference.attend):
     return run
 
 
-_ARGUMENTS = {"q", "k", "v", "cache_position", "attn_mask", "scale", "state"}
 _CONTEXT = {"GRAD_MODE", "GLOBAL_STATE", "TORCH_FUNCTION_STATE", "DEFAULT_DEVICE", "AUTOGRAD_SAVED_TENSORS_HOOKS",
             "DUPLICATE_INPUT", "SHAPE_ENV"}
 
 
-def _argument_guards(entries) -> list[bool]:
-    """Dynamo's guards to keep on a site kernel: those on its arguments (shapes, dtypes, strides,
-    the scale), the relations a dynamic (prefill) kernel assumed between its sizes, and grad mode,
-    device and input aliasing. The rest (~400) guard the closure's
-    site config and the modules' functions, which a kernel's own code object never sees change;
+def _argument_guards(arguments: frozenset[str], entries) -> list[bool]:
+    """Dynamo's guards to keep on a site kernel taking `arguments`: those on the arguments (shapes,
+    dtypes, strides, the scale), the relations a dynamic (prefill) kernel assumed between its
+    sizes, and grad mode, device and input aliasing. The rest (~400) guard the closure's site
+    config and the modules' functions, which a kernel's own code object never sees change;
     checking them took 70 of the 80 us each call spent in dynamo's cache lookup (2 ms of a
     30-layer decode step)."""
-    return [e.guard_type in _CONTEXT or (re.match(r"\w*", e.name).group() in _ARGUMENTS
+    return [e.guard_type in _CONTEXT or (re.match(r"\w*", e.name).group() in arguments
                                           and e.guard_type != "DIMENSION_DYNAMIC_MARKING_GUARD") for e in entries]
 
 
@@ -103,7 +103,8 @@ def _compiled(config: str, decode: bool, starts: bool):
     # shared by every config would reach its recompile limit (and fall back to eager) after a few.
     kind = "decode" if decode else "start" if starts else "prefill"
     run.__code__ = run.__code__.replace(co_name=f"gearfx_attend_{kind}")
-    return torch.compile(run, dynamic=not decode, options={"guard_filter_fn": _argument_guards})
+    arguments = frozenset(inspect.signature(run).parameters)
+    return torch.compile(run, dynamic=not decode, options={"guard_filter_fn": partial(_argument_guards, arguments)})
 
 
 _lib.define(
