@@ -10,10 +10,13 @@ from gearfx.recipes import TensorSpec
 
 
 @pytest.mark.parametrize("rank, outliers", [(2, 0.02), (1, 0.0), (0, 0.03)])
-@pytest.mark.parametrize("axis", ["channel", "token"])
-def test_factored_corrections_equal_reconstruction(rank, outliers, axis):
+@pytest.mark.parametrize("axis, c, d", [("channel", 16, 64), ("token", 16, 64), ("channel", 16, 48),
+                                         ("token", 1, 64), ("token", 1, 48)])
+def test_factored_corrections_equal_reconstruction(rank, outliers, axis, c, d):
+    """c = 1: one token per chunk (H2O's slots, outliers summed per slot); d = 48: a head_dim
+    whose outlier indices split by division, not by shift and mask."""
     g = torch.Generator().manual_seed(0)
-    b, h, n, c, d, groups, length = 2, 2, 3, 16, 64, 3, 2
+    b, h, n, groups, length = 2, 2, 3, 3, 2
     x = torch.randn(b, h, n, c, d, generator=g)
     x[..., 5] = x[..., 5] * 20 + 4
     spec = TensorSpec(4, axis, 16, rank=rank, outliers=outliers)
