@@ -75,13 +75,15 @@ def scores(q: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, minimum: t
     group = spec.group  # per token: sum over groups of s_tg * (q · code)_g + m_tg * sum_g q
     s = scale.float()  # [B, H, T, D/group]
     for j in range(g):
-        out = q.new_zeros(())
+        # parts narrower than a group share its one reduction, as the per-channel parts above do
+        products: dict[int, torch.Tensor] = {}
         for first, part in parts:
             n = part.shape[-1]
             sub = min(group, n)
-            dots = (part.view(b, h, t, n // sub, sub) * q[:, :, j, first:first + n].reshape(b, h, 1, n // sub, sub)).sum(-1)
-            out = out + (dots * s[..., first // group:first // group + n // sub]).sum(-1)
-        heads.append(out)
+            prod = part.view(b, h, t, n // sub, sub) * q[:, :, j, first:first + n].reshape(b, h, 1, n // sub, sub)
+            at = first // group
+            products[at] = products[at] + prod if at in products else prod
+        heads.append(sum((p.sum(-1) * s[..., at:at + p.shape[-2]]).sum(-1) for at, p in products.items()))
     qsum = q.view(b, h, g, d // group, group).sum(-1)
     return torch.stack(heads, 2) + (minimum.float()[:, :, None] * qsum[:, :, :, None, :]).sum(-1)
 
