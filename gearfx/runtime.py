@@ -86,7 +86,12 @@ class CompiledModel:
                 f"cache full: {self._position} tokens cached + {length} new > max_cache_len="
                 f"{self.max_cache_len}; compile with a larger max_cache_len")
         cache_position = torch.arange(self._position, self._position + length, device=self.device)
-        with torch.no_grad():
+        # On a compiled graph's first run AOTAutograd checks its custom ops for aliasing under a
+        # dispatch mode, which hides the inputs' autograd keys from the site kernel compiled inside
+        # that run: its dynamo guards then failed on the second call and every kernel compiled
+        # twice (SmolLM2: +15 s for the first prefill kernel, +6 s for decode, when the FX graph
+        # cache already had them). Our op's output is always a new tensor; nothing to check.
+        with torch.no_grad(), torch._functorch.config.patch(check_custom_op_aliasing=False):
             if self._takes_mask:
                 logits = self._step(input_ids=input_ids, attention_mask=self._mask,
                                     position_ids=positions, cache_position=cache_position)
