@@ -122,10 +122,11 @@ def _corrections(c: Chunk, spec: TensorSpec) -> Corrections | None:
         a, b = c.a.float(), c.b.float()
     if c.outlier_index is not None:
         idx = c.outlier_index.long()  # [B, H, N, k] flat in each chunk's T x D
-        row, dim = divmod_int(idx, d)
-        dim = dim.flatten(2)
-        if t > 1:
-            pos = (row + torch.arange(n, device=idx.device)[:, None] * t).flatten(2)
+        if t == 1:  # the flat index into a one-token chunk is the channel
+            dim = idx.flatten(2)
+        else:
+            row, dim = divmod_int(idx, d)
+            pos, dim = (row + torch.arange(n, device=idx.device)[:, None] * t).flatten(2), dim.flatten(2)
         delta = c.outlier_delta.float().flatten(2)
     return Corrections(a, b, delta, pos, dim, n * t, d)
 
