@@ -89,8 +89,8 @@ class CompiledModel:
         # On a compiled graph's first run AOTAutograd checks its custom ops for aliasing under a
         # dispatch mode, which hides the inputs' autograd keys from the site kernel compiled inside
         # that run: its dynamo guards then failed on the second call and every kernel compiled
-        # twice (SmolLM2: +15 s for the first prefill kernel, +6 s for decode, when the FX graph
-        # cache already had them). Our op's output is always a new tensor; nothing to check.
+        # twice (SmolLM2: +15 s at the second prefill, +6 s at the second decode step, with the FX
+        # graph cache already holding them). Our op's output is always a new tensor; nothing to check.
         with torch.no_grad(), torch._functorch.config.patch(check_custom_op_aliasing=False):
             if self._takes_mask:
                 logits = self._step(input_ids=input_ids, attention_mask=self._mask,
