@@ -86,6 +86,7 @@ class CompiledModel:
                 f"cache full: {self._position} tokens cached + {length} new > max_cache_len="
                 f"{self.max_cache_len}; compile with a larger max_cache_len")
         cache_position = torch.arange(self._position, self._position + length, device=self.device)
+        input_ids = input_ids.contiguous()  # the graph guards on strides: a sliced prompt recompiled it
         # On a compiled graph's first run AOTAutograd checks its custom ops for aliasing under a
         # dispatch mode, which hides the inputs' autograd keys from the site kernel compiled inside
         # that run: its dynamo guards then failed on the second call and every kernel compiled

@@ -88,27 +88,48 @@ def _argument_guards(arguments: frozenset[str], entries) -> list[bool]:
 
 
 @lru_cache(maxsize=None)
-def _compiled(config: str, decode: bool, starts: bool):
-    """The site's attention without its rotation (`reference.attend_rotated`), compiled; starts:
-    for a prefill from position 0, which then attends over the prompt's keys only. Decided here,
-    outside the trace: read inside it, the position split the graph and compiled decode went wrong.
+def _compiled(config: str, kind: str):
+    """The site's attention without its rotation (`reference.attend_rotated`), compiled, for one
+    kind of call: "decode", "close" (a decode step that closes a chunk, `reference.closes_chunk`),
+    "start" (a prefill from position 0, which then attends over the prompt's keys only) or
+    "prefill". Decided outside the trace: read inside it, the position split the graph and
+    compiled decode went wrong; and a `torch.cond` for the chunk close kept the decode kernel out
+    of Inductor's FX graph cache (it caches no higher-order ops), so every process compiled it
+    again (6 s for SmolLM2's kivi-4bit).
 
-    Decode steps (L = 1) get a static kernel: every shape is fixed and torch.cond (chunk
-    closing) needs concrete head/batch sizes. Prefill lengths vary, so its kernel is dynamic.
+    Decode steps (L = 1) get a static kernel. Prefill lengths vary: L is its kernel's one dynamic
+    size (`_length_dynamic`).
     The rotation stays outside (`attend_kernel`): inside, Inductor ordered a read of the value
     codes after their chunk write and so copied the whole store twice per step (8k tokens, 32
     heads: +6 ms on a 16 ms step)."""
-    run = _run(SiteConfig.from_json(config), partial(reference.attend_rotated, starts=starts))
+    prefill = kind in ("start", "prefill")
+    attend = partial(reference.attend_rotated, starts=kind == "start" if prefill else None,
+                     closes=None if prefill else kind == "close")
+    run = _run(SiteConfig.from_json(config), attend)
     # A code object of its own per kernel: dynamo caches compiled entries per code object, and one
     # shared by every config would reach its recompile limit (and fall back to eager) after a few.
-    kind = "decode" if decode else "start" if starts else "prefill"
     run.__code__ = run.__code__.replace(co_name=f"gearfx_attend_{kind}")
     arguments = frozenset(inspect.signature(run).parameters)
     # cpp_wrapper: the kernel's driver (buffer allocations, extern calls) in C++, not Python; a
     # site's graph allocates ~50 buffers, which took ~0.1 ms of a SmolLM2 layer's decode step
-    # (gear-4bit 1.0 -> 0.87 ms, H2O 0.85 -> 0.75) for about the same compile time
-    options = {"guard_filter_fn": partial(_argument_guards, arguments), "cpp_wrapper": True}
-    return torch.compile(run, dynamic=not decode, options=options)
+    # (gear-4bit 1.0 -> 0.87 ms, H2O 0.85 -> 0.75) for about the same compile time.
+    # emulate_precision_casts: round fp16 intermediates where eager does, so a chunk is compressed
+    # to the reference's bytes; fused in fp32, ~0.1% of its codes moved a step (and a GEAR chunk's
+    # low-rank fit with them). No cost measured on the decode step (SmolLM2 layer, within noise).
+    options = {"guard_filter_fn": partial(_argument_guards, arguments), "cpp_wrapper": True,
+               "emulate_precision_casts": True}
+    # Not dynamic=True: that makes every int and float the code reads symbolic, the closure's
+    # recipe and capacity included, and the float ones (scale, the outlier fraction) made Dynamo
+    # restart its analysis; `_length_dynamic` marks the one size that varies.
+    return torch.compile(run, dynamic=False, options=options)
+
+
+def _length_dynamic(q, k, v, cache_position, attn_mask):
+    """Mark a prefill's length L as the only dynamic size of its kernel's inputs (q/k/v [B, H, L, D],
+    cache_position [L], attn_mask [B|1, 1, L, capacity])."""
+    for t, dim in ((q, 2), (k, 2), (v, 2), (cache_position, 0), (attn_mask, 2)):
+        if t is not None:
+            torch._dynamo.mark_dynamic(t, dim)
 
 
 _lib.define(
@@ -131,12 +152,20 @@ def attend_kernel(q, k, v, cache_position, attn_mask, scale, config, state):
         # Inductor adds only its call overhead (fp16 decode, SmolLM2 layer at capacity 4608: 1.07 ms
         # compiled, 0.59 ms eager; h2o 1.87 / 1.40 ms)
         return _run(cfg)(q, k, v, cache_position, attn_mask, scale, state).contiguous()
-    starts = not decode and bool(cache_position[0] == 0)
-    if starts:  # asked here: the compiled code cannot read the mask on the host either
+    if decode:
+        kind = "close" if reference.closes_chunk(cache_position, cfg.recipe, cfg.capacity) else "decode"
+    else:
+        kind = "start" if bool(cache_position[0] == 0) else "prefill"
+    if kind == "start":  # asked here: the compiled code cannot read the mask on the host either
         attn_mask = reference.causal_if_plain(attn_mask, q.shape[2])
-    run = _compiled(config, decode, starts)
-    out = reference.with_rotation(lambda q, k, v, pos, mask, scale, *_: run(q, k, v, pos, mask, scale, state),
-                                  q, k, v, cache_position, attn_mask, scale, cfg.recipe, cfg.capacity, state)
+    run = _compiled(config, kind)
+
+    def call(q, k, v, pos, mask, scale, *_):
+        if not decode:
+            _length_dynamic(q, k, v, pos, mask)
+        return run(q, k, v, pos, mask, scale, state)
+
+    out = reference.with_rotation(call, q, k, v, cache_position, attn_mask, scale, cfg.recipe, cfg.capacity, state)
     return out.contiguous()
 
 

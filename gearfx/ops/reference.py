@@ -7,8 +7,9 @@ attention output of `q` over everything cached so far, under the model's own mas
 Every shape is static (capacity, chunk slots, H2O slots), so a decode step compiles once:
 - Without eviction the cache is positional: sequence position p lives in chunk slot p // window.
   The chunk being filled is read from the full-precision window; earlier chunks from their
-  compressed form. The decode step that fills the window compresses it into its slot (a
-  `torch.cond`, so other steps skip the work and the graph stays one graph).
+  compressed form. The decode step that fills the window compresses it into its slot: traced,
+  a `torch.cond`, so other steps skip the work and the graph stays one graph; the compiled
+  site kernels are told on the host instead (`closes`), one kernel for each case.
 - The new tokens are always attended in full precision: prefill is exact over the prompt.
 - With `sinks: N`, each row's first N real tokens (`gearfx.compress.sinks`: after its left
   padding) are also kept in sink.key / sink.value and attended from there, exactly (no
@@ -152,6 +153,15 @@ def _tracing(t: torch.Tensor) -> bool:
     return torch.compiler.is_compiling() or type(t) is not torch.Tensor
 
 
+def closes_chunk(cache_position: torch.Tensor, recipe: Recipe, capacity: int) -> bool:
+    """Whether a decode step at cache_position [1] fills the streaming window, which then is
+    compressed into its chunk's slot. On the host, outside any trace."""
+    if recipe.h2o is not None or not recipe.compresses:
+        return False
+    c = slots(recipe, capacity)[1]
+    return bool(cache_position[0] % c == c - 1)
+
+
 def _starts_sequence(cache_position: torch.Tensor) -> bool:
     """Whether these tokens are a sequence's first (from position 0), read on the host: they then
     attend only to each other, every later position being masked, so attention can leave out the
@@ -258,10 +268,11 @@ def _rotation_matrix(head_dim: int, seed: int, device: torch.device) -> torch.Te
     return rotation.matrix(head_dim, seed, device)
 
 
-def attend_rotated(q, k, v, cache_position, attn_mask, scale, recipe, capacity, state, starts=None):
+def attend_rotated(q, k, v, cache_position, attn_mask, scale, recipe, capacity, state, starts=None, closes=None):
     """`attend` without the recipe's rotation: q, k, v are already rotated (`with_rotation`).
-    starts: whether the tokens start a sequence, when the caller knows it outside a trace
-    (`ops._compiled`); None: `_starts_sequence`."""
+    starts: whether the tokens start a sequence, closes: whether a decode step closes a chunk
+    (`closes_chunk`), when the caller knows it outside a trace (`ops._compiled`); None: asked
+    here, on the host when eager, by `torch.cond` when traced."""
     if starts is None and k.shape[2] > 1:  # a prefill's question: decode steps never read it
         starts = _starts_sequence(cache_position)
         if starts:
@@ -284,10 +295,10 @@ def attend_rotated(q, k, v, cache_position, attn_mask, scale, recipe, capacity, 
             out = F.scaled_dot_product_attention(q.reshape(b, h, g, d), kc, vc, attn_mask=mask, scale=scale)
             return out.reshape(b, h * g, 1, d)
         return _sdpa_gqa(q, kc, vc, mask, scale)
-    return _attend_chunked(q, k, v, cache_position, attn_mask, scale, recipe, capacity, state, starts)
+    return _attend_chunked(q, k, v, cache_position, attn_mask, scale, recipe, capacity, state, starts, closes)
 
 
-def _attend_chunked(q, k, v, cache_position, attn_mask, scale, recipe, capacity, state, starts):
+def _attend_chunked(q, k, v, cache_position, attn_mask, scale, recipe, capacity, state, starts, closes):
     b, h, length, d = k.shape
     n, c = slots(recipe, capacity)
     kept = kept_dtype(recipe, q.dtype)
@@ -306,23 +317,22 @@ def _attend_chunked(q, k, v, cache_position, attn_mask, scale, recipe, capacity,
         if length == 1:  # decode: the token joins the window; a full window becomes its chunk
             win.index_copy_(2, cache_position % c, x.to(kept))
             slot = cache_position // c
-            current = tuple(state[f"{part}.{f}"].index_select(2, slot)[:, :, 0] for f in names)
+            if closes is None and _tracing(cache_position):
+                current = tuple(state[f"{part}.{f}"].index_select(2, slot)[:, :, 0] for f in names)
 
-            def close(w, *_):
-                fields = compress_chunk(w, spec, recipe, closing_skip(slot, c, start, recipe.sinks))
-                # copy: a bits=16 part's "data" is `w` itself, and cond branches must not alias inputs
-                return tuple(fields[f].to(t.dtype, copy=True) for f, t in zip(names, current))
+                def close(w, *_):
+                    fields = compress_chunk(w, spec, recipe, closing_skip(slot, c, start, recipe.sinks))
+                    # copy: a bits=16 part's "data" is `w` itself, and cond branches must not alias inputs
+                    return tuple(fields[f].to(t.dtype, copy=True) for f, t in zip(names, current))
 
-            def wait(w, *cur):
-                return tuple(t.clone() for t in cur)
+                def wait(w, *cur):
+                    return tuple(t.clone() for t in cur)
 
-            closes = (cache_position[0] % c) == c - 1
-            operands = (win, *current)
-            if _tracing(cache_position):
-                new = torch.cond(closes, close, wait, operands)
-            else:  # eager torch.cond would trace both branches on every call
-                new = close(*operands) if bool(closes) else wait(*operands)
-            write_slots(state, part, {f: t[:, :, None] for f, t in zip(names, new)}, slot)
+                new = torch.cond((cache_position[0] % c) == c - 1, close, wait, (win, *current))
+                write_slots(state, part, {f: t[:, :, None] for f, t in zip(names, new)}, slot)
+            elif closes or (closes is None and closes_chunk(cache_position, recipe, capacity)):
+                fields = compress_chunk(win, spec, recipe, closing_skip(slot, c, start, recipe.sinks))
+                write_slots(state, part, {f: fields[f][:, :, None] for f in names}, slot)
         else:  # prefill: chunks from the window's onwards are built from full-precision tokens
             chunks = base[part].view(b, h, n, c, d).to(kept)
             # only the chunks this call reaches: the window's, then those its tokens fill (a 512-

@@ -741,8 +741,7 @@ def _decode(q, k, v, cache_position, attn_mask, scale, recipe, capacity, state):
     for part, x in (("key", k), ("value", v)):
         state[f"window.{part}"].index_copy_(2, cache_position % c, x.to(kept))
     out, _ = attention(q, state, recipe, capacity, cache_position, attn_mask, scale, k, v)
-    position = int(cache_position[0])  # which steps close a chunk is host-side control flow
-    if position % c == c - 1:
+    if reference.closes_chunk(cache_position, recipe, capacity):  # host-side control flow
         slot = cache_position // c
         skip = reference.closing_skip(slot, c, start, recipe.sinks)
         for part in ("key", "value"):
