@@ -126,10 +126,12 @@ def _compiled(config: str, kind: str):
 
 def _length_dynamic(q, k, v, cache_position, attn_mask):
     """Mark a prefill's length L as the only dynamic size of its kernel's inputs (q/k/v [B, H, L, D],
-    cache_position [L], attn_mask [B|1, 1, L, capacity])."""
+    cache_position [L], attn_mask [B|1, 1, L, capacity]). maybe_: code that needed a concrete
+    length would compile once per length rather than fail (tests/test_compile.py checks that a
+    second prompt length compiles nothing)."""
     for t, dim in ((q, 2), (k, 2), (v, 2), (cache_position, 0), (attn_mask, 2)):
         if t is not None:
-            torch._dynamo.mark_dynamic(t, dim)
+            torch._dynamo.maybe_mark_dynamic(t, dim)
 
 
 _lib.define(
