@@ -7,10 +7,10 @@ alone says what each site does.
 - `gearfx::attend` has a CompositeImplicitAutograd kernel: any retrace (run_decompositions,
   export lowering) inlines it into plain aten ops, so export pipelines need no custom kernel.
 - `gearfx::attend_kernel` is opaque to the program around it. Its CPU kernel is the reference
-  compiled with Inductor once per site config, so the thirty identical layers of a model share
-  one compiled kernel instead of each inlining its own copy into the model's graph (which made
-  compiling a 30-layer model take minutes); a cache that quantizes nothing (fp16, h2o) runs the
-  reference eagerly. On CUDA, decode steps run the Triton kernel (`triton_decode`). The runtime
+  compiled with Inductor once per site config and kind of call (`_compiled`), so the thirty
+  identical layers of a model share one compiled kernel instead of each inlining its own copy
+  into the model's graph (which made compiling a 30-layer model take minutes); a cache that
+  quantizes nothing (fp16, h2o) runs the reference eagerly. On CUDA, decode steps run the Triton kernel (`triton_decode`). The runtime
   swaps it in (`passes.use_kernels`).
 """
 
