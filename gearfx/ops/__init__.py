@@ -10,8 +10,8 @@ alone says what each site does.
   compiled with Inductor once per site config and kind of call (`_compiled`), so the thirty
   identical layers of a model share one compiled kernel instead of each inlining its own copy
   into the model's graph (which made compiling a 30-layer model take minutes); a cache that
-  quantizes nothing (fp16, h2o) runs the reference eagerly. On CUDA, decode steps run the Triton kernel (`triton_decode`). The runtime
-  swaps it in (`passes.use_kernels`).
+  quantizes nothing (fp16, h2o) runs the reference eagerly. On CUDA, decode steps run the Triton
+  kernel (`triton_decode`). The runtime swaps it in (`passes.use_kernels`).
 """
 
 from __future__ import annotations
