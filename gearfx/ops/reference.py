@@ -142,6 +142,12 @@ def divmod_int(x: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x >> (d.bit_length() - 1), x & (d - 1)
 
 
+def close_window(state, part: str, recipe: Recipe, slot: torch.Tensor, skip: torch.Tensor | None) -> None:
+    """Compress the full window of `part` into its chunk's slot [1] (skip: `closing_skip`)."""
+    fields = compress_chunk(state[f"window.{part}"], getattr(recipe, part), recipe, skip)
+    write_slots(state, part, {f: t[:, :, None] for f, t in fields.items()}, slot)
+
+
 def write_slots(state, part: str, fields: dict[str, torch.Tensor], index: torch.Tensor) -> None:
     """state[part.field][:, :, index] = fields[field] for every field (slot dim 2)."""
     for f, t in fields.items():
@@ -331,8 +337,7 @@ def _attend_chunked(q, k, v, cache_position, attn_mask, scale, recipe, capacity,
                 new = torch.cond((cache_position[0] % c) == c - 1, close, wait, (win, *current))
                 write_slots(state, part, {f: t[:, :, None] for f, t in zip(names, new)}, slot)
             elif closes or (closes is None and closes_chunk(cache_position, recipe, capacity)):
-                fields = compress_chunk(win, spec, recipe, closing_skip(slot, c, start, recipe.sinks))
-                write_slots(state, part, {f: fields[f][:, :, None] for f in names}, slot)
+                close_window(state, part, recipe, slot, closing_skip(slot, c, start, recipe.sinks))
         else:  # prefill: chunks from the window's onwards are built from full-precision tokens
             chunks = base[part].view(b, h, n, c, d).to(kept)
             # only the chunks this call reaches: the window's, then those its tokens fill (a 512-

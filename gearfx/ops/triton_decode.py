@@ -745,7 +745,5 @@ def _decode(q, k, v, cache_position, attn_mask, scale, recipe, capacity, state):
         slot = cache_position // c
         skip = reference.closing_skip(slot, c, start, recipe.sinks)
         for part in ("key", "value"):
-            window = state[f"window.{part}"]
-            fields = reference.compress_chunk(window, getattr(recipe, part), recipe, skip)
-            reference.write_slots(state, part, {f: t[:, :, None] for f, t in fields.items()}, slot)
+            reference.close_window(state, part, recipe, slot, skip)
     return out
